@@ -1,0 +1,1 @@
+"""minidiffit: DiffiT, readable."""

@@ -1,0 +1,88 @@
+"""Time-dependent multi-head self-attention (TMSA) and the DiffiT transformer block, DiffiT Sec. 3.2.
+
+The time token `temb` (the paper's x_t) enters every query, key and value through its own linear
+projection, so the attention pattern itself changes with the diffusion time (DiffiT Eq. 3-5):
+    q = x_s W_qs + x_t W_qt,  k = x_s W_ks + x_t W_kt,  v = x_s W_vs + x_t W_vt.
+Used by the image-space U-Net (`unet.py`) and the latent model (`latent.py`).
+Introduced in notebooks/02_tmsa.ipynb.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .attention import MLP, Attention, window_partition, window_reverse
+
+# ----------------------------------------------------------------------------
+# The time token: sinusoidal embedding -> MLP (DiffiT Sec. 3.2, "positional" time embedding)
+
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """(B,) float times -> (B, dim) embedding [cos(t f_i) | sin(t f_i)], f_i = max_period^(-i / (dim/2)).
+
+    With dim=256: 128 frequencies, i = 0..127 (DESIGN.md Sec. 1). `t` may be fractional: the latent
+    model passes the DDPM step 0..999, the image model EDM's c_noise = ln(sigma) / 4.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Time token: sinusoidal embedding (256) -> Linear -> SiLU -> Linear (names as the release's `mlp.0/2`)."""
+
+    def __init__(self, dim, frequency_dim=256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):  # t: (B,) -> (B, D)
+        return self.mlp(timestep_embedding(t, self.frequency_dim))
+
+
+# ----------------------------------------------------------------------------
+# TMSA
+
+
+class TMSA(Attention):
+    """Attention whose q, k, v also carry a per-image projection of the time token (DiffiT Eq. 3-5).
+
+    `qkv_temb(temb)` is one (3D,) vector per image, broadcast over all N tokens: the extra cost is one
+    D x 3D matrix-vector product per image, against N of them for the spatial tokens.
+    `temb_dim` may differ from `dim` (the U-Net's time token is wider than its early stages).
+    """
+
+    def __init__(self, dim, num_heads, window_size=None, temb_dim=None, fused=True):
+        super().__init__(dim, num_heads, window_size, fused)
+        self.qkv_temb = nn.Linear(temb_dim or dim, 3 * dim)
+
+    def forward(self, x, temb):  # x: (B, N, D), temb: (B, Dt)
+        return self.attend(self.qkv(x) + self.qkv_temb(temb)[:, None])  # (B, N, 3D) -> (B, N, D)
+
+
+class DiffiTBlock(nn.Module):
+    """Pre-norm transformer block with TMSA: x = x + TMSA(LN(x), temb); x = x + MLP(LN(x)).
+
+    Works on a (B, H, W, D) map. With `window_size` smaller than the map, attention runs inside
+    non-overlapping windows (no shift); with `window_size` equal to the map it is global attention with a
+    relative bias over the whole grid (the latent model). No adaLN, no gates: time enters only through TMSA.
+    LayerNorms without affine parameters, eps 1e-6, as the release.
+    """
+
+    def __init__(self, dim, num_heads, window_size, mlp_ratio=4.0, temb_dim=None, fused=True):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = TMSA(dim, num_heads, window_size, temb_dim, fused)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, temb):  # x: (B, H, W, D), temb: (B, Dt)
+        B, H, W, D = x.shape
+        windows = window_partition(self.norm1(x), self.window_size)  # (B*nW, w*w, D)
+        nW = windows.shape[0] // B
+        temb = temb.repeat_interleave(nW, dim=0)  # each window of image b sees image b's time token
+        x = x + window_reverse(self.attn(windows, temb), self.window_size, H, W)
+        return x + self.mlp(self.norm2(x))
