@@ -38,7 +38,7 @@ run_tests() {
   "$PY" -m pytest -q tests
   echo "== notebooks (nbval, FAST mode)"
   MINIDIFFIT_FAST=1 "$PY" -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
-    --nbval-cell-timeout=600 notebooks/
+    --nbval-cell-timeout=300 notebooks/
 }
 
 main() {

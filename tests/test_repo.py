@@ -1,0 +1,101 @@
+"""Repository hygiene: notebooks as STYLE.md asks, reproduce.sh's command line, config overrides."""
+
+import dataclasses
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from minidiffit.config import parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_notebooks_numbered_contiguously_from_01():
+    numbers = []
+    for path in NOTEBOOKS:
+        match = re.fullmatch(r"(\d\d)_[a-z0-9_]+\.ipynb", path.name)
+        assert match, f"{path.name}: notebooks are named NN_topic.ipynb"
+        numbers.append(int(match.group(1)))
+    assert numbers, "no notebooks found"
+    assert numbers == list(range(1, len(numbers) + 1)), f"notebook numbers not contiguous: {numbers}"
+
+
+def test_notebook_sizes():
+    sizes = {p.name: p.stat().st_size for p in NOTEBOOKS}
+    for name, size in sizes.items():
+        assert size < 1_000_000, f"{name} is {size / 1e6:.2f} MB; keep each notebook under 1 MB"
+    assert sum(sizes.values()) < 8_000_000, "notebooks together exceed 8 MB"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_skeleton_and_execution(path):
+    nb = json.loads(path.read_text())
+    cells = nb["cells"]
+    assert cells[0]["cell_type"] == "markdown" and "".join(cells[0]["source"]).lstrip().startswith("#"), \
+        f"{path.name}: the first cell is the title cell"
+    code = [c for c in cells if c["cell_type"] == "code"]
+    # The parameters cell: the first code cells read the FAST switch.
+    assert any("MINIDIFFIT_FAST" in "".join(c["source"]) for c in code[:3]), \
+        f"{path.name}: the parameters cell (among the first code cells) must read MINIDIFFIT_FAST"
+    # Committed executed: nbval fails a cell with outputs but no execution count.
+    for c in code:
+        if c.get("outputs"):
+            assert c.get("execution_count") is not None, f"{path.name}: a cell has outputs but no execution count"
+    assert all(c.get("execution_count") is not None for c in code if "".join(c["source"]).strip()), \
+        f"{path.name}: committed unexecuted (some code cells have no execution count)"
+    assert any(c.get("outputs") for c in code), f"{path.name}: no outputs committed"
+    text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown").lower()
+    assert "from notebook to package" in text, f"{path.name}: missing the closing 'From notebook to package' section"
+    # No progress bars in committed output.
+    assert "tqdm" not in json.dumps([c.get("outputs") for c in code]), f"{path.name}: tqdm output committed"
+
+
+def _reproduce(*args):
+    return subprocess.run(["bash", str(ROOT / "reproduce.sh"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_reproduce_help_lists_commands():
+    result = _reproduce("help")
+    assert result.returncode == 0
+    for command in ("setup", "test", "help"):
+        assert re.search(rf"^\s+{command}\s", result.stdout, re.M), f"help does not list '{command}'"
+    assert _reproduce().stdout == result.stdout  # no argument = help
+
+
+def test_reproduce_unknown_command_exits_2():
+    result = _reproduce("no-such-command")
+    assert result.returncode == 2
+    assert "unknown command 'no-such-command'" in result.stderr
+
+
+@dataclasses.dataclass
+class _Config:
+    steps: int = 10  # an int
+    lr: float = 1e-3  # a float
+    name: str = "tiny"  # a string
+    channels: tuple = (128, 256)  # a tuple of ints
+    compile: bool = False  # a flag
+    limit: int | None = None  # optional
+
+
+def test_parse_overrides_types():
+    cfg = parse_overrides(_Config(), ["--steps=3", "--lr=2e-4", "--name=small", "--channels=64,128,128",
+                                      "--compile=true", "--limit=5"])
+    assert cfg == _Config(3, 2e-4, "small", (64, 128, 128), True, 5)
+    assert parse_overrides(_Config(limit=5), ["--limit=none"]).limit is None
+    assert parse_overrides(_Config(), []) == _Config()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stpes=3"], "unknown config key 'stpes'"),
+    (["--steps=three"], "expected a value of type int"),
+    (["--compile=maybe"], "expected a value of type bool"),
+    (["steps=3"], "write overrides as --key=value"),
+])
+def test_parse_overrides_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        parse_overrides(_Config(), args)
