@@ -36,9 +36,12 @@ def attention(q, k, v, bias=None, fused=True):
 
 def window_partition(x, window_size):
     """(B, H, W, C) -> (B * nW, w*w, C): cut the map into non-overlapping w x w windows."""
+    if x.ndim != 4:
+        raise ValueError(f"window_partition wants a channels-last map (B, H, W, C), got shape {tuple(x.shape)}")
     B, H, W, C = x.shape
     if H % window_size or W % window_size:
-        raise ValueError(f"feature map {H}x{W} is not divisible by window_size={window_size}")
+        raise ValueError(f"feature map {H}x{W} is not divisible by window_size={window_size}: "
+                         f"pick a window_size that divides both H and W (or resize the map)")
     return rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=window_size, ww=window_size)
 
 
@@ -97,6 +100,10 @@ class Attention(nn.Module):
         """(B, N, 3D) projected q|k|v -> (B, N, D) attention output after `proj`."""
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         bias = self.position_bias()
+        if bias is not None and q.shape[2] != bias.shape[-1]:
+            raise ValueError(f"got {q.shape[2]} tokens, but window_size={self.window_size} expects one "
+                             f"{self.window_size}x{self.window_size} window of {bias.shape[-1]} tokens: "
+                             f"cut the map with window_partition first")
         if bias is not None:
             bias = bias.to(q.dtype)  # SDPA wants the mask in q's dtype (bf16 under autocast)
         out = attention(q, k, v, bias, fused=self.fused)  # (B, h, N, d)

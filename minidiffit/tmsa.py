@@ -24,6 +24,8 @@ def timestep_embedding(t, dim=256, max_period=10000):
     With dim=256: 128 frequencies, i = 0..127 (DESIGN.md Sec. 1). `t` may be fractional: the latent
     model passes the DDPM step 0..999, the image model EDM's c_noise = ln(sigma) / 4.
     """
+    if dim % 2:
+        raise ValueError(f"timestep_embedding needs an even dim (half cos, half sin), got dim={dim}")
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # (B, half)
