@@ -1,0 +1,313 @@
+"""Latent DiffiT: the class-conditional transformer that denoises VAE latents (DiffiT Sec. 3.3, Fig. 5).
+
+A DiT-style skeleton (patchify -> fixed 2-D sin-cos positions -> transformer blocks -> final layer ->
+unpatchify) whose blocks are DiffiT's TMSA blocks from `tmsa.py`, with global attention plus a relative
+position bias over the whole token grid. Module names and shapes follow the official release
+(`nvidia/DiffiT`), so `load_released` takes its safetensors files strictly. Also classifier-free
+guidance as released. The VAE is in `vae.py`, the discrete diffusion in `adm.py`.
+Introduced in notebooks/08_latent_diffit.ipynb.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from .tmsa import DiffiTBlock, TimestepEmbedder
+
+# ----------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class LatentConfig:
+    input_size: int = 32  # latent side: 32 for 256 px images, 64 for 512 px (the VAE downsamples 8x)
+    in_channels: int = 4  # latent channels of the Stable Diffusion VAE
+    patch_size: int = 2  # p: each p x p latent patch becomes one token
+    dim: int = 1152  # D, token width
+    depth: int = 28  # number of DiffiT blocks (the release; the paper's text says 30)
+    num_heads: int = 16  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * dim
+    num_classes: int = 1000  # class labels 0..num_classes-1; row num_classes is the null (unconditional) label
+    class_dropout_prob: float = 0.1  # training-time probability of replacing a label by the null label (for CFG)
+    learn_sigma: bool = True  # output 2 * in_channels: eps and the learned-range variance interpolation v
+    fused: bool = True  # attention through F.scaled_dot_product_attention (False: explicit softmax, same numbers)
+
+
+# The DiT family of sizes (DiT Table 1), all patch 2; XL/2 is the released DiffiT model (DESIGN.md Sec. 4).
+LATENT_PRESETS = {
+    "XL/2": LatentConfig(depth=28, dim=1152, num_heads=16),
+    "L/2": LatentConfig(depth=24, dim=1024, num_heads=16),
+    "B/2": LatentConfig(depth=12, dim=768, num_heads=12),
+    "S/2": LatentConfig(depth=12, dim=384, num_heads=6),
+    # Tests and FAST mode: 8x8x4 latents (a 64 px image), a 4x4 token grid, 10 classes.
+    "tiny": LatentConfig(input_size=8, depth=2, dim=64, num_heads=2, num_classes=10),
+}
+
+
+# ----------------------------------------------------------------------------
+# Embedders: patches, fixed positions, labels
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) latents -> (B, H/p, W/p, D) tokens: a p x p conv with stride p is a Linear per patch."""
+
+    def __init__(self, in_channels, dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).permute(0, 2, 3, 1)  # (B, D, h, w) -> (B, h, w, D)
+
+
+def sincos_pos_embed(dim, grid_size):
+    """(grid_size^2, dim) fixed 2-D sin-cos position embedding, tokens row-major (as DiT and the release).
+
+    The first dim/2 channels encode the column x, the last dim/2 the row y; each half is
+    [sin(pos * w_i) | cos(pos * w_i)] with w_i = 10000^(-i / (dim/4)), i = 0..dim/4-1.
+    Computed in float64 as the release does (numpy), then stored in float32.
+    """
+    if dim % 4:
+        raise ValueError(f"dim={dim} must be divisible by 4 for a 2-D sin-cos embedding")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))  # (dim/4,)
+    y, x = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij")
+
+    def embed_1d(pos):  # (N,) -> (N, dim/2)
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return torch.from_numpy(np.concatenate([embed_1d(x), embed_1d(y)], axis=1)).float()
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> (B, D) vector; a table of num_classes + 1 rows, the last row is the null label.
+
+    In training each label is replaced by the null label with probability `dropout_prob`, so one model
+    learns both p(x | y) and p(x), which classifier-free guidance combines at sampling time.
+    """
+
+    def __init__(self, num_classes, dim, dropout_prob):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        # Choice: the null row always exists (the release adds it only when dropout_prob > 0), so guidance
+        # works with any config; the released configs all have it (1001 rows).
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y, force_drop=None, generator=None):  # y: (B,) long -> (B, D)
+        """`force_drop`: optional (B,) bool, True = use the null label (overrides random dropout)."""
+        if force_drop is not None:
+            y = torch.where(force_drop.to(y.device, torch.bool), self.num_classes, y)
+        elif self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape, generator=generator, device=y.device if generator is None else generator.device)
+            y = torch.where(drop.to(y.device) < self.dropout_prob, self.num_classes, y)
+        return self.embedding_table(y)
+
+
+class FinalLayer(nn.Module):
+    """(B, h, w, D) -> (B, h, w, p*p*C_out): LayerNorm (no affine) -> SiLU -> Linear, as the release."""
+
+    def __init__(self, dim, patch_size, out_channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # no parameters: no state-dict key
+        self.act = nn.SiLU()
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def forward(self, x):
+        return self.linear(self.act(self.norm(x)))
+
+
+# ----------------------------------------------------------------------------
+# The model
+
+
+class LatentDiffiT(nn.Module):
+    """eps (and variance) prediction on latents: forward(x (B,4,H,W), t (B,) in 0..999, y (B,)) -> (B,8,H,W).
+
+    c = t_embedder(t) + y_embedder(y) is the TMSA time token of every block (DESIGN.md Sec. 4).
+    """
+
+    def __init__(self, cfg: LatentConfig):
+        super().__init__()
+        if cfg.input_size % cfg.patch_size:
+            raise ValueError(f"input_size={cfg.input_size} is not divisible by patch_size={cfg.patch_size}")
+        self.cfg = cfg
+        self.grid_size = cfg.input_size // cfg.patch_size  # tokens per side: 16 at 256 px, 32 at 512 px
+        self.out_channels = 2 * cfg.in_channels if cfg.learn_sigma else cfg.in_channels
+        self.x_embedder = PatchEmbed(cfg.in_channels, cfg.dim, cfg.patch_size)
+        # Fixed, but a Parameter (requires_grad=False) because the release stores it in the state dict.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, cfg.dim), requires_grad=False)  # (1, N, D)
+        self.t_embedder = TimestepEmbedder(cfg.dim)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        # Global attention: the "window" is the whole token grid, so the relative position bias table has
+        # (2*16-1)^2 = 961 rows per block at 256 px and covers every token pair.
+        self.blocks = nn.ModuleList([
+            DiffiTBlock(cfg.dim, cfg.num_heads, window_size=self.grid_size, mlp_ratio=cfg.mlp_ratio, fused=cfg.fused)
+            for _ in range(cfg.depth)
+        ])
+        self.final_layer = FinalLayer(cfg.dim, cfg.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """The release's (and DiT's) init; skipped on the meta device, where there is nothing to fill."""
+        if self.pos_embed.is_meta:
+            return
+        for m in self.modules():  # every Linear, the time projection `qkv_temb` included
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.pos_embed.copy_(sincos_pos_embed(self.cfg.dim, self.grid_size)[None])
+        # The patch conv initialised as the Linear it is: xavier over (D, C*p*p).
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # Zero output layer: the untrained model predicts eps = 0 and v = 0 (the middle of the variance range).
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        """(B, h, w, p*p*C) -> (B, C, h*p, w*p); the Linear's outputs are laid out (p, p, C), C fastest."""
+        p = self.cfg.patch_size
+        return rearrange(x, "b h w (p q c) -> b c (h p) (w q)", p=p, q=p)
+
+    def forward(self, x, t, y, force_drop=None, generator=None):
+        """x: (B, C, H, W) latents, t: (B,) DDPM steps 0..999, y: (B,) labels -> (B, 2C, H, W) [eps | v].
+
+        `force_drop` / `generator`: see LabelEmbedder (label dropout is active only in training mode).
+        """
+        if x.shape[1:] != (self.cfg.in_channels, self.cfg.input_size, self.cfg.input_size):
+            raise ValueError(f"expected latents (B, {self.cfg.in_channels}, {self.cfg.input_size}, "
+                             f"{self.cfg.input_size}), got {tuple(x.shape)}; set LatentConfig.input_size to match")
+        g = self.grid_size
+        x = self.x_embedder(x) + self.pos_embed.view(1, g, g, -1)  # (B, h, w, D)
+        c = self.t_embedder(t) + self.y_embedder(y, force_drop, generator)  # (B, D): the time token
+        for block in self.blocks:
+            x = block(x, c)  # (B, h, w, D)
+        return self.unpatchify(self.final_layer(x))  # (B, 2C, H, W)
+
+    def forward_with_cfg(self, x, t, y, scale, channels=3):
+        """Classifier-free guidance as released: eps = eps_null + s(t) * (eps_y - eps_null).
+
+        x (B, C, H, W), t (B,) original DDPM steps, y (B,) labels -> (B, 2C, H, W).
+        `scale`: a float (constant) or a `Guidance` (see GUIDANCE_PRESETS). The batch is doubled to
+        [y, null] and run in one pass. `channels=3` guides output channels 0..2 only, as the release
+        and DiT do (a quirk: the 4th eps channel and the variance channels keep the conditional output);
+        `channels=None` guides all eps channels (the variance channels always stay conditional).
+        """
+        B = x.shape[0]
+        null = torch.full_like(y, self.cfg.num_classes)
+        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, 2C, H, W)
+        cond, uncond = out[:B], out[B:]
+        s = guidance_scale(scale, t).to(out.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        n = self.cfg.in_channels if channels is None else channels
+        guided = uncond[:, :n] + s * (cond[:, :n] - uncond[:, :n])
+        return torch.cat([guided, cond[:, n:]], dim=1)
+
+
+# ----------------------------------------------------------------------------
+# Guidance schedules (the release's sample.py; DESIGN.md Sec. 4)
+
+
+@dataclass
+class Guidance:
+    scale: float = 4.4  # the guidance scale at t = 0 (the paper reports 4.6 for 256 px; the release uses 4.4)
+    schedule: str = "power-cosine"  # "power-cosine": ramps from 1 (t = T) to `scale` (t = 0); "constant"
+    power: float = 4.0  # exponent of the power-cosine ramp
+    num_steps: int = 1000  # T of the original (un-respaced) diffusion
+
+
+GUIDANCE_PRESETS = {
+    "256": Guidance(scale=4.4, schedule="power-cosine"),  # the released 256 px sampler
+    "512": Guidance(scale=1.49, schedule="constant"),  # the released 512 px sampler
+}
+
+
+def guidance_scale(g, t):
+    """(B,) guidance scale at original DDPM steps t, for a float (constant) or a `Guidance`.
+
+    power-cosine: s(t) = 1 + (scale - 1) * (1 - cos(pi * (1 - t/T)^power)) / 2, i.e. almost no guidance
+    at high noise and the full scale near the data, which keeps diversity (recall) while sharpening.
+    """
+    t = t.float()
+    if not isinstance(g, Guidance):
+        return torch.full_like(t, float(g))
+    if g.schedule == "constant":
+        return torch.full_like(t, g.scale)
+    if g.schedule == "power-cosine":
+        ramp = (1 - torch.cos(math.pi * (1 - t / g.num_steps) ** g.power)) / 2
+        return 1 + (g.scale - 1) * ramp
+    raise ValueError(f"unknown guidance schedule {g.schedule!r}; use 'power-cosine' or 'constant'")
+
+
+# ----------------------------------------------------------------------------
+# Loading the released checkpoints (nvidia/DiffiT on Hugging Face)
+
+
+def check_state_dict(model, state_dict, limit=5):
+    """Raise a ValueError naming the first differing keys and shapes between `model` and `state_dict`."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    shapes = [f"{k}: model {ours[k]} vs file {theirs[k]}" for k in ours if k in theirs and ours[k] != theirs[k]]
+    if missing or unexpected or shapes:
+        lines = []
+        if missing:
+            lines.append(f"{len(missing)} missing from the file, e.g. {missing[:limit]}")
+        if unexpected:
+            lines.append(f"{len(unexpected)} unexpected in the file, e.g. {unexpected[:limit]}")
+        if shapes:
+            lines.append(f"{len(shapes)} with other shapes, e.g. {shapes[:limit]}")
+        raise ValueError("checkpoint does not match the model (check the preset and input_size: "
+                         "diffit_256 is XL/2 with input_size=32, diffit_512 XL/2 with input_size=64):\n  "
+                         + "\n  ".join(lines))
+
+
+def config_from_state_dict(state_dict):
+    """The LatentConfig whose shapes a state dict has (XL/2 with input_size 32 for diffit_256, 64 for 512)."""
+    if "pos_embed" not in state_dict or "x_embedder.proj.weight" not in state_dict:
+        raise ValueError("not a latent DiffiT state dict: no 'pos_embed' / 'x_embedder.proj.weight'")
+    dim, in_channels, p, _ = state_dict["x_embedder.proj.weight"].shape
+    grid = math.isqrt(state_dict["pos_embed"].shape[1])
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    return LatentConfig(
+        input_size=grid * p, in_channels=in_channels, patch_size=p, dim=dim, depth=depth,
+        num_heads=state_dict["blocks.0.attn.relative_position_bias_table"].shape[1],
+        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+        learn_sigma=state_dict["final_layer.linear.weight"].shape[0] == 2 * in_channels * p * p,
+    )
+
+
+def load_released(path, model=None, device="cpu"):
+    """Load a released `diffit_256.safetensors` / `diffit_512.safetensors` (or one we saved) strictly.
+
+    Without `model`, builds one whose config is read off the file's shapes (`config_from_state_dict`).
+    Weights: https://huggingface.co/nvidia/DiffiT (download the .safetensors file, pass its path).
+    """
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError("loading released weights needs safetensors: pip install minidiffit[latent]") from None
+    state_dict = load_file(str(path), device=str(device))
+    if model is None:
+        model = LatentDiffiT(config_from_state_dict(state_dict)).to(device)
+    check_state_dict(model, state_dict)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def save_safetensors(model, path):
+    """Save `model`'s state dict in the release's format (loadable by `load_released`)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("saving safetensors needs safetensors: pip install minidiffit[latent]") from None
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
