@@ -1,0 +1,399 @@
+"""ImageNet for the latent model: ADM's center crop, an ImageFolder reader, latents encoded once into shards.
+
+DiffiT's ImageNet-256/512 results (DiffiT Sec. 4, App. I.2) train a latent model on Stable Diffusion VAE
+latents, as DiT does. `prepare` encodes every image once (both horizontal flips) so training never runs
+the VAE; `LatentShardDataset` serves those latents to the training loop. Introduced in
+notebooks/09_imagenet256.ipynb. Command line:
+    python -m minidiffit.imagenet prepare --data_dir=IMAGENET/train --out=LATENTS [--vae=...] [--key=value]
+    python -m minidiffit.imagenet synthetic --out=DIR   (a tiny class-folder set for FAST runs and tests)
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from .config import parse_overrides
+
+SCALE_FACTOR = 0.18215  # Stable Diffusion's latent scale: makes the VAE latents roughly unit variance (LDM Sec. 4.3)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # compared lower-cased, so ImageNet's .JPEG counts
+MANIFEST = "manifest.json"
+FORMAT = "minidiffit-latents/1"  # bumped whenever the shard layout changes
+
+# ----------------------------------------------------------------------------
+# ADM's center crop (Dhariwal & Nichol 2021, guided-diffusion; DiT and DiffiT's reference batches use it)
+
+
+def center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """PIL image -> (size, size, 3) uint8 array, cropped the way ADM made its ImageNet reference batches.
+
+    FID compares our samples with ADM's reference statistics, so training images must be cut the same
+    way: a different resize filter shifts FID by more than the gaps between the models we compare.
+    """
+    image = image.convert("RGB")
+    # 1. Halve with a box filter (each output pixel = mean of a 2x2 block) while the short side is at least
+    #    twice the target: cheap on large photos and free of aliasing.
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    # 2. Bicubic resize so the short side is exactly `size`; the long side rounds to the nearest pixel.
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    # 3. Keep the central size x size square (offsets round down).
+    top, left = (image.height - size) // 2, (image.width - size) // 2
+    return np.asarray(image)[top:top + size, left:left + size]  # (size, size, 3)
+
+
+# ----------------------------------------------------------------------------
+# Class-folder images
+
+LAYOUT_HINT = ("expected one subfolder per class holding .JPEG/.jpg/.jpeg/.png images, as in ImageNet's train split "
+               "(.../train/n01440764/n01440764_10026.JPEG, .../train/n01443537/...): pass --data_dir=.../train")
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images in class subfolders -> (image (3, size, size), label). Classes are the sorted folder names -> 0..K-1.
+
+    `output="float"` gives float32 in [-1, 1] (what the VAE takes), `"uint8"` the raw cropped pixels.
+    """
+
+    def __init__(self, root, image_size=256, output="float"):
+        if output not in ("float", "uint8"):
+            raise ValueError(f"output={output!r}: choose 'float' (in [-1, 1]) or 'uint8'")
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {str(root)!r} does not exist; {LAYOUT_HINT}")
+        self.root, self.image_size, self.output = root, image_size, output
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.samples = []  # (path, label), sorted by class then file name: a fixed order for the shards
+        for label, name in enumerate(self.classes):
+            files = sorted(f.name for f in os.scandir(root / name) if f.name.lower().endswith(IMAGE_EXTENSIONS))
+            self.samples += [(str(root / name / f), label) for f in files]
+        if not self.samples:
+            found = f"{len(self.classes)} subfolders but no images in them" if self.classes else "no class subfolders"
+            raise FileNotFoundError(f"image folder {str(root)!r} has {found}; {LAYOUT_HINT}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        with Image.open(path) as image:
+            pixels = torch.from_numpy(center_crop(image, self.image_size).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        if self.output == "float":
+            pixels = pixels.float() / 127.5 - 1
+        return pixels, label
+
+
+def make_synthetic_imagefolder(root, num_classes=3, per_class=4, size=64, seed=0):
+    """Write a small deterministic class-folder set of PNGs (for FAST mode and tests); returns `root`.
+
+    Each class has its own colour and stripe direction so a model can tell them apart; widths vary
+    (size .. 1.5 size) so the crop has something to cut. File names follow ImageNet's pattern.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        folder = root / f"n{c:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        colour = rng.uniform(40, 215, size=3)
+        for i in range(per_class):
+            width = size + (i % 3) * size // 4
+            yy, xx = np.mgrid[0:size, 0:width]
+            angle = np.pi * c / max(num_classes, 1)
+            stripes = 40 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / (8 + i))
+            pixels = colour + stripes[..., None] + rng.normal(0, 8, size=(size, width, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"n{c:08d}_{i}.png")
+    return root
+
+
+# ----------------------------------------------------------------------------
+# The VAE encoder: images in [-1, 1] -> scaled latents (B, 4, H/8, W/8)
+
+
+class VAEEncoder:
+    """A diffusers `AutoencoderKL` seen as `encode(x in [-1, 1]) -> latents * 0.18215`, the interface prepare() uses."""
+
+    def __init__(self, autoencoder, sample_posterior=True, scale_factor=SCALE_FACTOR):
+        self.autoencoder, self.sample_posterior, self.scale_factor = autoencoder.eval(), sample_posterior, scale_factor
+
+    @torch.no_grad()
+    def encode(self, x):
+        posterior = self.autoencoder.encode(x).latent_dist  # a diagonal Gaussian over latents
+        z = posterior.sample() if self.sample_posterior else posterior.mean
+        return z * self.scale_factor
+
+
+def tiny_autoencoder(seed=0):
+    """A randomly initialised AutoencoderKL (67k parameters) with the real one's 8x downsampling and 4 channels."""
+    AutoencoderKL = _import_autoencoder()
+    torch.manual_seed(seed)
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)
+
+
+def build_vae_encoder(name, device="cpu", sample_posterior=True):
+    """`name`: "tiny" (random, no download), a Hugging Face id (stabilityai/sd-vae-ft-ema, -mse) or a local folder."""
+    if name == "tiny":
+        autoencoder = tiny_autoencoder()
+    else:
+        AutoencoderKL = _import_autoencoder()
+        try:
+            autoencoder = AutoencoderKL.from_pretrained(name)
+        except Exception as error:  # offline, a typo, or a folder without config.json
+            raise OSError(f"could not load the VAE {name!r} ({error}). Pass a Hugging Face id "
+                          "(stabilityai/sd-vae-ft-ema needs internet once) or --vae=/path/to/a/diffusers/AutoencoderKL "
+                          "folder holding config.json and the weights; --vae=tiny is a random one for tests.") from None
+    return VAEEncoder(autoencoder.to(device), sample_posterior=sample_posterior)
+
+
+def _import_autoencoder():
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise ImportError("the latent path needs diffusers: pip install 'minidiffit[latent]'") from None
+    return AutoencoderKL
+
+
+# ----------------------------------------------------------------------------
+# prepare: encode the whole set once into sharded latents
+
+
+@dataclass
+class PrepareConfig:
+    data_dir: str = ""  # ImageFolder root (ImageNet: .../train with the 1000 n*/ class folders)
+    out: str = ""  # output folder for manifest.json and shard_00000.pt ...
+    image_size: int = 256  # ADM center crop size; 256 -> latents 4x32x32, 512 -> 4x64x64
+    vae: str = "stabilityai/sd-vae-ft-ema"  # Hugging Face id, local diffusers folder, or "tiny" (random, tests)
+    batch: int = 64  # images per VAE call (each goes through twice: as is and flipped)
+    shard_size: int = 2048  # images per shard file (2048 x 2 x 4x32x32 fp16 = 32 MiB at 256 px)
+    dtype: str = "float16"  # stored latent precision: float16 or float32
+    sample_posterior: bool = True  # store a posterior sample (True) or the posterior mean (False)
+    seed: int = 0  # posterior samples are seeded per batch from (seed, first image index): reruns agree
+    num_workers: int = 8  # DataLoader processes decoding and cropping JPEGs
+    device: str = ""  # "" picks cuda:LOCAL_RANK when CUDA is available, else cpu
+
+
+def _plan(cfg, dataset, scale_factor):
+    """The manifest without its progress fields: what a resumed run must agree with."""
+    n, latent = len(dataset), cfg.image_size // 8
+    shards = [{"file": f"shard_{s:05d}.pt", "start": start, "count": min(cfg.shard_size, n - start)}
+              for s, start in enumerate(range(0, n, cfg.shard_size))]
+    return {"format": FORMAT, "num_images": n, "num_classes": len(dataset.classes), "classes": dataset.classes,
+            "image_size": cfg.image_size, "latent_shape": [2, 4, latent, latent], "flips": ["none", "horizontal"],
+            "dtype": cfg.dtype, "vae": cfg.vae, "scale_factor": scale_factor,
+            "posterior": "sample" if cfg.sample_posterior else "mean", "seed": cfg.seed,
+            "shard_size": cfg.shard_size, "shards": shards}
+
+
+def _write_atomic(path, write):
+    """Write via a temporary file and os.replace: a killed run leaves the old file or none, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_manifest(out, plan, complete):
+    text = json.dumps({**plan, "complete": complete}, indent=1)
+    _write_atomic(out / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_manifest(out):
+    """Load and sanity-check `out`/manifest.json; a clear error when it is missing or not ours."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {str(out)!r}: make the latents first with "
+                                f"`python -m minidiffit.imagenet prepare --data_dir=IMAGENET/train --out={out}`")
+    try:
+        manifest = json.loads(path.read_text())
+        shards = manifest["shards"]
+        assert manifest["format"] == FORMAT, f"format {manifest['format']!r}, expected {FORMAT!r}"
+        assert sum(s["count"] for s in shards) == manifest["num_images"], "shard counts do not add up to num_images"
+        assert len(manifest["classes"]) == manifest["num_classes"], "num_classes differs from the class list"
+    except (ValueError, KeyError, TypeError, AssertionError) as error:
+        raise ValueError(f"{path} is corrupt or from another version ({error!r}); delete the folder and run "
+                         "`python -m minidiffit.imagenet prepare` again") from None
+    return manifest
+
+
+def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
+    """Encode `cfg.data_dir` into `cfg.out`; returns the manifest. Resumable and shardable over ranks.
+
+    `vae`: any object with `encode(x (B,3,H,W) in [-1,1]) -> (B,4,H/8,W/8)` scaled latents (built from
+    `cfg.vae` when None). Rank r writes shards s with s % world_size == r; finished shards are skipped,
+    so a killed run restarts at its first missing shard. Rank 0 marks the manifest complete at the end.
+    """
+    if cfg.dtype not in ("float16", "float32"):
+        raise ValueError(f"--dtype={cfg.dtype}: choose float16 or float32")
+    if not cfg.out:
+        raise ValueError("--out=DIR is required: the folder for the latent shards")
+    out = Path(cfg.out)
+    dataset = ImageFolder(cfg.data_dir, cfg.image_size, output="float")
+    device = torch.device(cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"))
+    if vae is None:
+        vae = build_vae_encoder(cfg.vae, device, cfg.sample_posterior)
+    plan = _plan(cfg, dataset, getattr(vae, "scale_factor", SCALE_FACTOR))
+
+    if (out / MANIFEST).exists():
+        old = read_manifest(out)
+        changed = [k for k in plan if old.get(k) != plan[k]]
+        if changed:
+            raise ValueError(f"{out} holds latents made with different settings ({', '.join(changed)} differ); "
+                             "use another --out or delete that folder")
+        if old["complete"]:
+            _log(rank, f"{out}: all {plan['num_images']} images already encoded, nothing to do")
+            return old
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            _write_manifest(out, plan, complete=False)
+    _barrier()
+
+    # This rank's unfinished shards, cut into batches that never straddle two shards.
+    todo = [s for s in range(rank, len(plan["shards"]), world_size) if not (out / plan["shards"][s]["file"]).exists()]
+    batches = [(s, list(range(b, min(b + cfg.batch, shard["start"] + shard["count"]))))
+               for s in todo for shard in [plan["shards"][s]]
+               for b in range(shard["start"], shard["start"] + shard["count"], cfg.batch)]
+    _log(rank, f"{len(todo)} shards to encode on {device} ({len(plan['shards']) - len(todo)} of this run's total already there)")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b for _, b in batches], num_workers=cfg.num_workers,
+                                         pin_memory=device.type == "cuda")
+    dtype = getattr(torch, cfg.dtype)
+    parts = []
+    for (s, indices), (x, y) in zip(batches, loader):
+        x = x.to(device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+        # Choice: store one posterior sample (as fast-DiT's extract_features does; DiT itself drew a fresh
+        # sample each step), seeded from the batch's first index so a resumed or multi-GPU run writes the
+        # same numbers. The SD VAE's posterior std is small next to its mean, so fresh samples matter little.
+        torch.manual_seed(cfg.seed * 10_000_019 + indices[0])
+        z = vae.encode(torch.cat([x, x.flip(-1)]))  # (2B, 4, h, w): the images, then their mirror images
+        z = torch.stack(z.chunk(2), dim=1)  # (B, 2, 4, h, w): index 1 along dim 1 is the flipped image
+        parts.append((z.to("cpu", dtype), y))
+        shard = plan["shards"][s]
+        if indices[-1] == shard["start"] + shard["count"] - 1:  # last batch of shard s: write it
+            latents, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).long()
+            record = {"latents": latents, "labels": labels, "start": shard["start"]}
+            _write_atomic(out / shard["file"], lambda tmp: torch.save(record, tmp))
+            parts = []
+            _log(rank, f"wrote {shard['file']} ({shard['count']} images)")
+
+    _barrier()
+    if rank == 0:
+        missing = [s["file"] for s in plan["shards"] if not (out / s["file"]).exists()]
+        if missing:  # only when ranks ran unsynchronised (no process group) and some have not finished
+            _log(rank, f"{len(missing)} shards still missing (e.g. {missing[0]}); the manifest stays incomplete")
+        else:
+            _write_manifest(out, plan, complete=True)
+            _log(rank, f"done: {plan['num_images']} images in {len(plan['shards'])} shards under {out}")
+    return {**plan, "complete": not any(not (out / s["file"]).exists() for s in plan["shards"])}
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _log(rank, text):
+    if rank == 0 or text.startswith("wrote"):
+        print(f"[imagenet rank {rank}] {text}", flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Training data: the stored latents
+
+
+class LatentShardDataset(torch.utils.data.Dataset):
+    """The latents `prepare` wrote -> (latent (4, h, w) float32, label). Each item picks one of its two flips at random.
+
+    Shards are opened lazily with torch.load(mmap=True): the operating system pages in what is read, so
+    ImageNet's 21 GB of latents need not fit in memory, and DataLoader workers share the page cache.
+    """
+
+    def __init__(self, root, random_flip=True):
+        self.root, self.random_flip = Path(root), random_flip
+        self.manifest = read_manifest(self.root)
+        if not self.manifest["complete"]:
+            raise ValueError(f"{self.root} is only partly encoded; rerun the same `python -m minidiffit.imagenet "
+                             "prepare` command to finish it")
+        missing = [s["file"] for s in self.manifest["shards"] if not (self.root / s["file"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.root}: manifest lists {len(missing)} shards that are missing "
+                                    f"(e.g. {missing[0]}); delete {MANIFEST} and rerun prepare to rebuild them")
+        self.shard_size = self.manifest["shard_size"]
+        self.num_classes = self.manifest["num_classes"]
+        self._shards = {}  # shard number -> (latents, labels), opened on first use
+
+    def __len__(self):
+        return self.manifest["num_images"]
+
+    def _shard(self, s):
+        if s not in self._shards:
+            info, path = self.manifest["shards"][s], self.root / self.manifest["shards"][s]["file"]
+            try:
+                record = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                latents, labels = record["latents"], record["labels"]
+            except Exception as error:
+                raise ValueError(f"{path} is unreadable ({error}); delete it and rerun prepare to rebuild it") from None
+            expected = (info["count"], *self.manifest["latent_shape"])
+            if tuple(latents.shape) != expected or tuple(labels.shape) != (info["count"],) or record["start"] != info["start"]:
+                raise ValueError(f"{path} holds latents {tuple(latents.shape)} from image {record['start']}, but the "
+                                 f"manifest expects {expected} from image {info['start']}; delete it and rerun prepare")
+            self._shards[s] = (latents, labels)
+        return self._shards[s]
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} latents")
+        latents, labels = self._shard(i // self.shard_size)
+        flip = int(torch.randint(2, ())) if self.random_flip else 0
+        latent = latents[i % self.shard_size, flip].to(torch.float32, copy=True)  # (4, h, w); a copy, not a view of the file
+        return latent, int(labels[i % self.shard_size])
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minidiffit.imagenet", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["prepare", "synthetic"])
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "synthetic":
+        @dataclass
+        class SyntheticConfig:
+            out: str = ""  # folder to write class subfolders of PNGs into
+            num_classes: int = 3  # class folders
+            per_class: int = 4  # images per class
+            size: int = 64  # image height (widths vary up to 1.5x)
+            seed: int = 0  # numpy seed
+
+        cfg = parse_overrides(SyntheticConfig(), rest)
+        if not cfg.out:
+            parser.error("synthetic needs --out=DIR")
+        make_synthetic_imagefolder(cfg.out, cfg.num_classes, cfg.per_class, cfg.size, cfg.seed)
+        print(f"wrote {cfg.num_classes * cfg.per_class} images in {cfg.num_classes} class folders under {cfg.out}")
+        return
+    cfg = parse_overrides(PrepareConfig(), rest)
+    if not cfg.data_dir or not cfg.out:
+        parser.error("prepare needs --data_dir=IMAGEFOLDER and --out=LATENT_DIR")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:  # launched by torchrun: one process per GPU
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        prepare(cfg, rank=rank, world_size=world_size)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

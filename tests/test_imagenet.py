@@ -1,0 +1,309 @@
+"""ImageNet data: ADM's center crop against closed forms, the class-folder reader, prepare's shards and resume."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minidiffit.imagenet import (ImageFolder, LatentShardDataset, PrepareConfig, VAEEncoder, center_crop, main,
+                                 make_synthetic_imagefolder, prepare, tiny_autoencoder)
+
+# ----------------------------------------------------------------------------
+# The crop
+
+
+def _gradient(width, height, ax=0.1, ay=0.1, c=20.0):
+    """uint8 RGB image of f(x, y) = ax x + ay y + c at pixel (x, y), and f itself."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    f = ax * xx + ay * yy + c
+    return Image.fromarray(np.repeat(np.round(f)[..., None], 3, axis=2).astype(np.uint8)), f
+
+
+def _centres(n_out, n_in):
+    """Where output pixel centres of an n_in -> n_out resize sit in input pixel coordinates."""
+    return (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+
+
+def test_crop_512_square_is_a_2x2_box_mean():
+    # 512 >= 2 * 256: one box halving to 256 x 256, the bicubic step is then the identity.
+    image, _ = _gradient(512, 512, ax=0.2, ay=0.25, c=3.0)
+    pixels = np.asarray(image).astype(np.float64)
+    crop = center_crop(image, 256)
+    assert crop.shape == (256, 256, 3) and crop.dtype == np.uint8
+    # Independent computation: the mean of each 2x2 block. PIL resamples rows, then columns, rounding
+    # (half up) to 8 bits in between, so the exact reference rounds twice; the plain mean is within 0.75.
+    rows = np.floor(pixels.reshape(512, 256, 2, 3).mean(axis=2) + 0.5)
+    expected = np.floor(rows.reshape(256, 2, 256, 3).mean(axis=1) + 0.5)
+    np.testing.assert_array_equal(crop, expected)
+    assert np.abs(crop - pixels.reshape(256, 2, 256, 2, 3).mean(axis=(1, 3))).max() <= 0.75
+
+
+@pytest.mark.parametrize("width,height,chain_w,chain_h,left,top", [
+    # 1200x900: one halving (900 >= 512, 450 < 512), then bicubic to short side 256: 600x450 -> 341x256.
+    (1200, 900, [1200, 600, 341], [900, 450, 256], (341 - 256) // 2, 0),
+    # 300x700 portrait: no halving, bicubic 300x700 -> 256x597, crop rows 170..425.
+    (300, 700, [300, 256], [700, 597], 0, (597 - 256) // 2),
+    # 200x160: smaller than the target, bicubic upsampling to 320x256.
+    (200, 160, [200, 320], [160, 256], 32, 0),
+])
+def test_crop_of_a_linear_ramp_matches_closed_form(width, height, chain_w, chain_h, left, top):
+    # A resize filter that is symmetric and sums to one maps a linear ramp to the ramp evaluated at the
+    # output pixel's centre, so the expected crop is known in closed form away from the borders.
+    image, _ = _gradient(width, height, ax=0.09, ay=0.11)
+    crop = center_crop(image, 256).astype(np.float64)
+    assert crop.shape == (256, 256, 3)
+    x = np.arange(left, left + 256, dtype=np.float64)
+    y = np.arange(top, top + 256, dtype=np.float64)
+    for n_in, n_out in zip(chain_w[-2::-1], chain_w[:0:-1]):  # walk the chain back to the original pixels
+        x = np.interp(x, np.arange(n_out), _centres(n_out, n_in))
+    for n_in, n_out in zip(chain_h[-2::-1], chain_h[:0:-1]):
+        y = np.interp(y, np.arange(n_out), _centres(n_out, n_in))
+    expected = 0.09 * x[None, :] + 0.11 * y[:, None] + 20.0
+    m = 4  # the filters' support at the image border is cut and renormalised: compare the inside only
+    inner = (slice(m if top == 0 else 0, 256 - m if top == 0 else 256), slice(m if left == 0 else 0, 256 - m if left == 0 else 256))
+    assert np.abs(crop[..., 0][inner] - expected[inner]).max() < 1.5
+    assert (crop[..., 0] == crop[..., 2]).all()
+
+
+def test_crop_large_photo_uses_repeated_box_halving():
+    # 2100x1100 at 256: 1100 >= 512 -> 1050x550, 550 >= 512 -> 525x275, then bicubic to 489x256.
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (1100, 2100, 3), dtype=np.uint8))
+    half = noise.resize((1050, 550), Image.BOX).resize((525, 275), Image.BOX)
+    expected = np.asarray(half.resize((489, 256), Image.BICUBIC))[:, (489 - 256) // 2:][:, :256]
+    np.testing.assert_array_equal(center_crop(noise, 256), expected)
+    assert center_crop(noise.convert("L"), 128).shape == (128, 128, 3)  # greyscale comes out RGB
+
+
+# ----------------------------------------------------------------------------
+# The class-folder reader
+
+
+def test_imagefolder_labels_extensions_and_errors(tmp_path):
+    root = make_synthetic_imagefolder(tmp_path / "train", num_classes=3, per_class=2, size=40)
+    Image.new("RGB", (50, 40), (10, 200, 30)).save(root / "n00000001" / "extra.JPEG", format="JPEG")
+    (root / "n00000002" / "notes.txt").write_text("not an image")
+    data = ImageFolder(root, image_size=32, output="uint8")
+    assert data.classes == ["n00000000", "n00000001", "n00000002"]
+    assert [label for _, label in data.samples] == [0, 0, 1, 1, 1, 2, 2]
+    assert len(data) == 7
+    pixels, label = data[4]  # n00000001's third file in sorted order: n00000001_1.png
+    assert label == 1 and pixels.shape == (3, 32, 32) and pixels.dtype == torch.uint8
+    with Image.open(data.samples[4][0]) as image:
+        np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), center_crop(image, 32))
+    as_float, _ = ImageFolder(root, image_size=32)[4]
+    torch.testing.assert_close(as_float, pixels.float() / 127.5 - 1)
+    assert as_float.min() >= -1 and as_float.max() <= 1
+
+    with pytest.raises(FileNotFoundError, match="does not exist.*train/n01440764") as error:
+        ImageFolder(tmp_path / "nowhere")
+    assert "--data_dir" in str(error.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no class subfolders.*one subfolder per class"):
+        ImageFolder(tmp_path / "empty")
+    (tmp_path / "empty" / "n01440764").mkdir()
+    with pytest.raises(FileNotFoundError, match="1 subfolders but no images"):
+        ImageFolder(tmp_path / "empty")
+    with pytest.raises(ValueError, match="output="):
+        ImageFolder(root, output="int")
+
+
+def test_synthetic_imagefolder_is_deterministic(tmp_path):
+    a = make_synthetic_imagefolder(tmp_path / "a", num_classes=2, per_class=3, size=16, seed=1)
+    b = make_synthetic_imagefolder(tmp_path / "b", num_classes=2, per_class=3, size=16, seed=1)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert len(files) == 6
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+# ----------------------------------------------------------------------------
+# prepare: sharded latents of both flips
+
+
+class CountingVAE:
+    """Wraps an encoder, counting the images it encodes; raises once `fail_after` calls have gone through."""
+
+    def __init__(self, encoder, fail_after=None):
+        self.encoder, self.fail_after, self.calls, self.images = encoder, fail_after, 0, 0
+
+    def encode(self, x):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        self.calls += 1
+        self.images += len(x)
+        return self.encoder.encode(x)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    # 12 images at 48 px -> 32 px crops -> 4x4x4 latents; shards of 5 give 5, 5, 2 (a short last one).
+    return make_synthetic_imagefolder(tmp_path_factory.mktemp("data") / "train", num_classes=3, per_class=4, size=48)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return VAEEncoder(tiny_autoencoder(seed=0), sample_posterior=False)  # the posterior mean: deterministic
+
+
+def _cfg(folder, out, **changes):
+    base = dict(data_dir=str(folder), out=str(out), image_size=32, vae="tiny", batch=2, shard_size=5, dtype="float32",
+                sample_posterior=False, num_workers=0, device="cpu")
+    return PrepareConfig(**{**base, **changes})
+
+
+def _shards(out):
+    return {p.name: torch.load(p, weights_only=True) for p in sorted(out.glob("shard_*.pt"))}
+
+
+@pytest.fixture(scope="module")
+def prepared(folder, encoder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("latents")
+    vae = CountingVAE(encoder)
+    manifest = prepare(_cfg(folder, out), vae=vae)
+    assert vae.images == 2 * 12  # every image once, and once mirrored
+    return out, manifest
+
+
+def test_prepare_latents_equal_direct_encoding_of_both_flips(folder, encoder, prepared):
+    out, manifest = prepared
+    assert manifest["complete"] and json.loads((out / "manifest.json").read_text())["complete"]
+    assert [s["count"] for s in manifest["shards"]] == [5, 5, 2]
+    assert manifest["num_images"] == 12 and manifest["num_classes"] == 3 and manifest["scale_factor"] == 0.18215
+    assert manifest["latent_shape"] == [2, 4, 4, 4] and manifest["image_size"] == 32 and manifest["vae"] == "tiny"
+    shards = _shards(out)
+    latents = torch.cat([s["latents"] for s in shards.values()])  # (12, 2, 4, 4, 4)
+    labels = torch.cat([s["labels"] for s in shards.values()])
+    assert latents.shape == (12, 2, 4, 4, 4) and labels.dtype == torch.int64
+    images = ImageFolder(folder, image_size=32)
+    for i in range(12):
+        x, y = images[i]
+        assert labels[i] == y
+        torch.testing.assert_close(latents[i, 0], encoder.encode(x[None])[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(latents[i, 1], encoder.encode(x.flip(-1)[None])[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(latents[:, 0], latents[:, 1], atol=1e-3)  # the flips really differ
+
+
+def test_prepare_float16_storage_and_seeded_posterior_samples(folder, encoder, prepared, tmp_path):
+    out32, _ = prepared
+    prepare(_cfg(folder, tmp_path / "half", dtype="float16"), vae=encoder)
+    half, full = _shards(tmp_path / "half"), _shards(out32)
+    for name in full:
+        assert half[name]["latents"].dtype == torch.float16
+        torch.testing.assert_close(half[name]["latents"], full[name]["latents"].half(), atol=2e-3, rtol=0)
+    # Posterior samples: seeded per batch, so two runs write identical shards, distinct from the mean.
+    sampler = VAEEncoder(encoder.autoencoder, sample_posterior=True)
+    for run in ("s1", "s2"):
+        prepare(_cfg(folder, tmp_path / run, sample_posterior=True), vae=sampler)
+    s1, s2 = _shards(tmp_path / "s1"), _shards(tmp_path / "s2")
+    for name in full:
+        torch.testing.assert_close(s1[name]["latents"], s2[name]["latents"], atol=0, rtol=0)
+        assert (s1[name]["latents"] - full[name]["latents"]).abs().max() > 1e-3
+
+
+def test_prepare_resumes_after_a_kill_and_skips_when_done(folder, encoder, prepared, tmp_path):
+    out = tmp_path / "latents"
+    killed = CountingVAE(encoder, fail_after=4)  # shard 0 takes 3 batches (2+2+1); dies in shard 1
+    with pytest.raises(KeyboardInterrupt):
+        prepare(_cfg(folder, out), vae=killed)
+    assert sorted(p.name for p in out.glob("shard_*.pt")) == ["shard_00000.pt"]
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    (out / "shard_00001.pt.tmp999").write_bytes(b"half a shard")  # what a kill inside torch.save leaves
+    with pytest.raises(ValueError, match="incomplete|partly"):
+        LatentShardDataset(out)
+
+    resumed = CountingVAE(encoder)
+    manifest = prepare(_cfg(folder, out), vae=resumed)
+    assert manifest["complete"]
+    assert resumed.images == 2 * (5 + 2)  # shards 1 and 2 only
+    reference = _shards(prepared[0])
+    for name, shard in _shards(out).items():
+        torch.testing.assert_close(shard["latents"], reference[name]["latents"])
+
+    again = CountingVAE(encoder)
+    prepare(_cfg(folder, out), vae=again)
+    assert again.calls == 0  # the manifest says done: nothing re-encoded
+
+    with pytest.raises(ValueError, match="different settings.*image_size"):
+        prepare(_cfg(folder, out, image_size=16), vae=encoder)
+
+
+def test_prepare_ranks_write_disjoint_shards(folder, encoder, tmp_path):
+    out = tmp_path / "latents"
+    rank1 = CountingVAE(encoder)
+    manifest = prepare(_cfg(folder, out), vae=rank1, rank=1, world_size=2)
+    assert sorted(p.name for p in out.glob("shard_*.pt")) == ["shard_00001.pt"] and not manifest["complete"]
+    assert rank1.images == 2 * 5
+    rank0 = CountingVAE(encoder)
+    manifest = prepare(_cfg(folder, out), vae=rank0, rank=0, world_size=2)
+    assert rank0.images == 2 * (5 + 2) and manifest["complete"]  # shards 0 and 2; then rank 0 marks it done
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+# ----------------------------------------------------------------------------
+# The training dataset over the shards
+
+
+def test_latent_shard_dataset(folder, prepared):
+    out, _ = prepared
+    stored = torch.cat([s["latents"] for s in _shards(out).values()])
+    labels = [label for _, label in ImageFolder(folder, image_size=32).samples]
+    data = LatentShardDataset(out)
+    assert len(data) == 12 and data.num_classes == 3
+    torch.manual_seed(0)
+    seen = set()
+    for i in range(12):
+        for _ in range(4):
+            latent, label = data[i]
+            assert latent.shape == (4, 4, 4) and latent.dtype == torch.float32 and label == labels[i]
+            flip = [k for k in (0, 1) if torch.equal(latent, stored[i, k])]
+            assert len(flip) == 1
+            seen.add(flip[0])
+    assert seen == {0, 1}  # both stored flips get served
+    fixed = LatentShardDataset(out, random_flip=False)
+    assert all(torch.equal(fixed[i][0], stored[i, 0]) for i in range(12))
+    batch, y = next(iter(torch.utils.data.DataLoader(data, batch_size=12, shuffle=False)))
+    assert batch.shape == (12, 4, 4, 4) and y.tolist() == labels
+    with pytest.raises(IndexError):
+        data[12]
+
+
+def test_latent_shard_dataset_errors(prepared, tmp_path):
+    with pytest.raises(FileNotFoundError, match="minidiffit.imagenet prepare"):
+        LatentShardDataset(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        LatentShardDataset(tmp_path)
+    # A manifest whose counts disagree with its shard list.
+    src, _ = prepared
+    manifest = json.loads((src / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "num_images": 13}))
+    with pytest.raises(ValueError, match="corrupt.*num_images"):
+        LatentShardDataset(tmp_path)
+    # Shards missing, then a shard of the wrong shape.
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="3 shards that are missing"):
+        LatentShardDataset(tmp_path)
+    for name in ("shard_00000.pt", "shard_00001.pt"):
+        os.link(src / name, tmp_path / name)
+    torch.save({"latents": torch.zeros(2, 2, 4, 8, 8), "labels": torch.zeros(2, dtype=torch.long), "start": 10},
+               tmp_path / "shard_00002.pt")
+    data = LatentShardDataset(tmp_path)
+    assert data[0][0].shape == (4, 4, 4)
+    with pytest.raises(ValueError, match="manifest expects"):
+        data[11]
+
+
+def test_command_line(folder, tmp_path, capsys):
+    main(["synthetic", f"--out={tmp_path / 'syn'}", "--num_classes=2", "--per_class=1", "--size=16"])
+    assert len(list((tmp_path / "syn").rglob("*.png"))) == 2
+    args = ["prepare", f"--data_dir={folder}", f"--out={tmp_path / 'lat'}", "--vae=tiny", "--image_size=32",
+            "--num_workers=0", "--device=cpu", "--batch=8"]
+    main(args)
+    assert "done: 12 images in 1 shards" in capsys.readouterr().out
+    main(args)
+    assert "already encoded" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown config key 'bach'.*valid keys"):
+        main(args + ["--bach=4"])
