@@ -1,0 +1,366 @@
+"""FID, precision and recall: Inception features -> Gaussian statistics -> Frechet distance.
+
+FID (Heusel et al. 2017) = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussians fitted to the
+pool features of two image sets (DiffiT Sec. 5 reports it on 50k samples, as EDM and ADM do). Split as EDM
+splits it: statistics (float64, streamed in batches) and distance (scipy's sqrtm, pytorch-fid's guards).
+Precision/recall are Kynkaanniemi et al. 2019 (k = 3), as ADM's evaluator reports them. The network is in
+inception.py. Introduced in notebooks/06_fid.ipynb; `python -m minidiffit.fid --help` for the CLI.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from minidiffit.data import IMAGE_EXTENSIONS, load_dataset, to_uint8
+from minidiffit.inception import InceptionV3FID, TinyFeatureNet, load_inception, preprocess
+
+__all__ = ["InceptionV3FID", "load_inception", "get_network", "features", "FeatureStats", "feature_statistics",
+           "frechet_distance", "precision_recall", "load_reference", "save_reference", "image_batches", "main"]
+
+# ----------------------------------------------------------------------------
+# Features. Quantisation: FID is defined on images as saved (uint8). A model's float output must be rounded
+# to 0..255 exactly as a PNG writer would (`data.to_uint8`: round, clamp) before the network sees it;
+# feeding floats directly measures a different distribution and shifts FID.
+
+
+def get_network(name="", device="cpu"):
+    """"tiny-random" -> TinyFeatureNet (tests, FAST notebooks; NOT a real FID); else load_inception(name or None)."""
+    if name == "tiny-random":
+        return TinyFeatureNet().to(device)
+    return load_inception(name or None, device=device)
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """Turn off TF32 on CUDA while the network runs: FID is defined in float32 and TF32 convolutions move it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def as_uint8_nchw(images):
+    """uint8 (N, H, W, 3) or (N, 3, H, W) array/tensor, or float (N, 3, H, W) in [-1, 1] -> uint8 (N, 3, H, W)."""
+    images = torch.as_tensor(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be 4-D (N, H, W, 3) or (N, 3, H, W), got shape {tuple(images.shape)}")
+    if images.is_floating_point():
+        if images.shape[1] != 3:
+            raise ValueError(f"float images must be (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        return to_uint8(images)  # the quantisation step: as a saved PNG would be
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 (0..255) or float in [-1, 1], got {images.dtype}")
+    if images.shape[-1] == 3 and images.shape[1] != 3:
+        images = images.permute(0, 3, 1, 2)  # NHWC (numpy / PNG convention) -> NCHW
+    if images.shape[1] != 3:
+        raise ValueError(f"need 3 RGB channels, got shape {tuple(images.shape)}; convert grayscale images to RGB")
+    return images
+
+
+@torch.no_grad()
+def features(images, net, batch_size=100):
+    """Network features of `images` (one array/tensor, see as_uint8_nchw, or an iterable of such batches).
+
+    Returns float32 numpy (N, feature_dim). Runs on the network's device, in float32 (never bf16/TF32).
+    """
+    device = next(net.parameters()).device
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        images = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    out = []
+    with _full_float32():
+        for batch in images:
+            x = as_uint8_nchw(batch).to(device)
+            for i in range(0, len(x), batch_size):
+                out.append(net(preprocess(x[i : i + batch_size], net.input_size)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, net.feature_dim), np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Statistics, in float64: a 2048x2048 covariance summed over 50k images loses digits in float32, and the
+# distance subtracts nearly equal traces, so FID's last digits would be noise.
+
+
+class FeatureStats:
+    """Streaming mean and covariance: `update` with batches of features, equal to the whole set's.
+
+    Choice: sums are taken around a shift (the first batch's mean) so that sum(x x^T) - N mu mu^T does not
+    cancel catastrophically when features have a large mean.
+    """
+
+    def __init__(self):
+        self.num = 0
+        self.shift = self.sum = self.sum_sq = None
+
+    def update(self, feats):  # (B, D)
+        x = np.asarray(feats, dtype=np.float64)
+        if self.shift is None:
+            self.shift = x.mean(axis=0)
+            self.sum = np.zeros_like(self.shift)
+            self.sum_sq = np.zeros((len(self.shift), len(self.shift)))
+        x = x - self.shift
+        self.num += len(x)
+        self.sum += x.sum(axis=0)
+        self.sum_sq += x.T @ x  # (D, D)
+
+    def mean_cov(self):
+        """(mu (D,), sigma (D, D)), float64; sigma with the unbiased 1/(N-1), as np.cov."""
+        if self.num < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.num}")
+        m = self.sum / self.num
+        sigma = (self.sum_sq - self.num * np.outer(m, m)) / (self.num - 1)
+        return self.shift + m, sigma
+
+
+def feature_statistics(feats):
+    """features (N, D) -> (mu (D,), sigma (D, D)) in float64: the Gaussian fit."""
+    stats = FeatureStats()
+    stats.update(feats)
+    return stats.mean_cov()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2): |mu1-mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)).
+
+    sqrt(S1 S2) by scipy.linalg.sqrtm, as pytorch-fid/EDM/ADM. Two numerical guards (pytorch-fid's): a product
+    so near singular that sqrtm returns inf/nan is retried with eps*I added to both covariances; a small
+    imaginary part from round-off (the true root of a product of PSD matrices has real eigenvalues) is
+    dropped, a large one raises.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                         f"{sigma2.shape}; were both computed with the same feature network?")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals")
+        offset = np.eye(len(mu1)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: sqrtm has a large imaginary component {np.abs(covmean.imag).max():.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ----------------------------------------------------------------------------
+# Precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of balls around its
+# points, radius = distance to the k-th nearest neighbour in the same set. Precision = fraction of fake
+# points inside the real manifold; recall = fraction of real points inside the fake manifold.
+# As ADM's evaluator: squared Euclidean distances, k = 3, a point on a ball's boundary counts as inside.
+
+
+def _sq_distances(a, b):  # (n, D), (m, D) -> (n, m), float64, clamped at 0 against round-off
+    return (a.pow(2).sum(1)[:, None] - 2 * a @ b.T + b.pow(2).sum(1)[None]).clamp_min_(0)
+
+
+def _rows(n, m, budget=10_000_000):  # rows per block so a (rows, m) float64 block stays ~80 MB
+    return max(1, min(n, budget // max(m, 1)))
+
+
+def _knn_radii(x, k):  # (N, D) -> (N,): squared distance to the k-th nearest other point
+    if len(x) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points per set, got {len(x)}")
+    step = _rows(len(x), len(x))
+    # kthvalue counts the point itself (distance 0) as the first: the k-th neighbour is the (k+1)-th value
+    return torch.cat([_sq_distances(x[i : i + step], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), step)])
+
+
+def _inside(points, centers, radii):  # (N,) bool: is each point within some center's ball?
+    step = _rows(len(points), len(centers))
+    return torch.cat([(_sq_distances(points[i : i + step], centers) <= radii[None]).any(1)
+                      for i in range(0, len(points), step)])  # fmt: skip
+
+
+def precision_recall(real_feats, fake_feats, k=3):
+    """(precision, recall) of fake features against real ones, both (N, D); distances in float64, batched."""
+    real = torch.as_tensor(np.asarray(real_feats), dtype=torch.float64)
+    fake = torch.as_tensor(np.asarray(fake_feats), dtype=torch.float64)
+    precision = _inside(fake, real, _knn_radii(real, k)).double().mean().item()
+    recall = _inside(real, fake, _knn_radii(fake, k)).double().mean().item()
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------
+# Reference statistics files. Ours and EDM's hold `mu`, `sigma`; ADM's reference batches
+# (e.g. VIRTUAL_imagenet256_labeled.npz) hold `mu`, `sigma` of the same pool features plus the images `arr_0`
+# (and spatial-feature `mu_s`, `sigma_s` for sFID, which we ignore).
+
+
+def save_reference(path, mu, sigma, **meta):
+    """Write {mu, sigma, meta...} (meta: num, network, data, optionally features) as an npz, no pickle."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
+
+
+def load_reference(path):
+    """Reference npz -> dict with mu, sigma (float64 or None), images (uint8 NHWC or None), features, num."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"reference statistics {path} not found; build one with "
+                                f"`python -m minidiffit.fid ref --data=cifar10 --out={path}`")
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        ref = {"mu": z["mu"].astype(np.float64) if "mu" in keys else None,
+               "sigma": z["sigma"].astype(np.float64) if "sigma" in keys else None,
+               "images": z["arr_0"] if "arr_0" in keys else None,  # ADM's reference batch
+               "features": z["features"] if "features" in keys else None,  # ours, with --save_features
+               "num": int(z["num"]) if "num" in keys else None}  # fmt: skip
+    if (ref["mu"] is None) != (ref["sigma"] is None) or (ref["mu"] is None and ref["images"] is None):
+        raise ValueError(f"{path} has keys {sorted(keys)}; expected `mu` and `sigma` (ours, EDM's) "
+                         f"or `arr_0` images (ADM's reference batch)")
+    return ref
+
+
+# ----------------------------------------------------------------------------
+# Reading samples: a folder of image files (sample.py's 00000.png ..., any depth) or an npz with `arr_0`.
+
+
+def image_batches(path, batch_size=100, num=0):
+    """(list of uint8 (B, 3, H, W) batches as a generator, number of images). num > 0 takes the first num."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            if "arr_0" not in z.files:
+                raise ValueError(f"{path} has keys {z.files}; expected samples as `arr_0` uint8 (N, H, W, 3)")
+            images = z["arr_0"]
+        total = len(images)
+        load = lambda i: images[i : i + batch_size]  # noqa: E731
+    elif path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        total = len(files)
+
+        def load(i):
+            from PIL import Image
+
+            return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[i : i + batch_size]])
+    else:
+        raise FileNotFoundError(f"samples {path} is neither a folder of images nor an .npz file; "
+                                f"make samples with `python -m minidiffit.sample --ckpt=... --out={path}`")
+    if num > total:
+        raise ValueError(f"asked for --num={num} but {path} holds only {total} images")
+    n = num or total
+    if n == 0:
+        raise ValueError(f"no images found in {path}")
+    gen = (load(i)[: n - i] for i in range(0, n, batch_size))
+    return gen, n
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    samples: str = ""  # folder of image files (sorted by name) or .npz with `arr_0` uint8 (N, H, W, 3)
+    ref: str = ""  # reference npz: ours (from `ref`), EDM's (mu, sigma) or ADM's (mu, sigma, arr_0)
+    num: int = 0  # use the first num samples (0 = all); printed beside the FID
+    network: str = ""  # FID network file (.pt TorchScript or pytorch-fid .pth); "" = $MINIDIFFIT_INCEPTION or download; "tiny-random" = test net, NOT a real FID
+    batch: int = 100  # images per network forward pass
+    pr: bool = True  # also precision/recall (k=3) when the ref holds features or images
+    results: str = ""  # append one line (FID, samples, ref, network, tag) to this file
+    tag: str = ""  # free text for the result line, e.g. "ckpt=runs/x/ckpt.pt nfe=35"
+    device: str = ""  # "" = cuda when available, else cpu
+
+
+@dataclasses.dataclass
+class RefConfig:
+    data: str = "cifar10"  # dataset for minidiffit.data.load_dataset: cifar10 | folder | synthetic
+    data_dir: str = ""  # its root ("" = torchvision's download cache for cifar10)
+    out: str = ""  # where to write the npz {mu, sigma, num, network, data}
+    num: int = 0  # use the first num images (0 = all; CIFAR-10 train has 50k)
+    network: str = ""  # as for evaluation; the same network must be used for both sides
+    batch: int = 100  # images per network forward pass
+    save_features: bool = False  # also store the features (N, D) float32, for precision/recall (400 MB at 50k)
+    device: str = ""  # "" = cuda when available, else cpu
+
+
+def _network(cfg):
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return get_network(cfg.network, device=device), device
+
+
+def build_reference(cfg):
+    if not cfg.out:
+        raise ValueError("ref needs --out=REF.npz")
+    ds = load_dataset(cfg.data, root=cfg.data_dir or None)
+    images = ds.images[: cfg.num or None]  # (N, 3, H, W) uint8
+    if cfg.num > len(ds.images):
+        raise ValueError(f"asked for --num={cfg.num} but {cfg.data} has only {len(ds.images)} images")
+    net, device = _network(cfg)
+    feats = features(images, net, cfg.batch)
+    mu, sigma = feature_statistics(feats)
+    extra = {"features": feats} if cfg.save_features else {}
+    save_reference(cfg.out, mu, sigma, num=len(feats), network=net.source, data=f"{cfg.data}:{ds.source}", **extra)
+    print(f"wrote {cfg.out}: statistics of {len(feats)} images of {ds.source} ({cfg.data}), "
+          f"network {net.source}, device {device}")
+
+
+def evaluate(cfg):
+    if not cfg.samples or not cfg.ref:
+        raise ValueError("evaluation needs --samples=DIR_OR_NPZ and --ref=REF.npz")
+    ref = load_reference(cfg.ref)
+    net, device = _network(cfg)
+    batches, n = image_batches(cfg.samples, cfg.batch, cfg.num)
+    stats, kept = FeatureStats(), []
+    for batch in batches:
+        f = features(batch, net, cfg.batch)
+        stats.update(f)
+        kept.append(f)
+    fake = np.concatenate(kept)
+    if ref["mu"] is None or (cfg.pr and ref["features"] is None and ref["images"] is not None):
+        ref["features"] = features(ref["images"], net, cfg.batch)  # ADM's reference batch: its images
+        if ref["mu"] is None:
+            ref["mu"], ref["sigma"] = feature_statistics(ref["features"])
+    if ref["mu"].shape != (net.feature_dim,):
+        raise ValueError(f"{cfg.ref} holds {ref['mu'].shape[0]}-d statistics but the network {net.source} gives "
+                         f"{net.feature_dim}-d features; build the reference with the same --network")
+    fid = frechet_distance(*stats.mean_cov(), ref["mu"], ref["sigma"])
+    line = f"FID {fid:.4f}  samples {n} ({cfg.samples})  ref {cfg.ref}" + (f" ({ref['num']} images)" if ref["num"] else "")
+    if cfg.pr and ref["features"] is not None:
+        p, r = precision_recall(ref["features"], fake)
+        line += f"  precision {p:.4f}  recall {r:.4f}"
+    line += f"  network {net.source}"
+    print(line)
+    print(f"device {device}")
+    if cfg.results:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(cfg.results, "a") as f:
+            f.write(f"{stamp}  {line}" + (f"  {cfg.tag}" if cfg.tag else "") + "\n")
+    return fid
+
+
+def main(argv=None):
+    from minidiffit.config import parse_overrides
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    is_ref = bool(argv) and argv[0] == "ref"
+    cfg = RefConfig() if is_ref else EvalConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m minidiffit.fid",
+        description="FID (and precision/recall) of samples against reference statistics, or `ref` to build them. "
+        f"Settings (--key=value): {', '.join(f.name for f in dataclasses.fields(cfg))}. Network file: --network=PATH "
+        "or $MINIDIFFIT_INCEPTION, else pytorch-fid's weights are downloaded.",
+    )
+    _, rest = parser.parse_known_args(argv[1:] if is_ref else argv)
+    try:
+        cfg = parse_overrides(cfg, rest)
+        return build_reference(cfg) if is_ref else evaluate(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+        raise SystemExit(f"minidiffit.fid: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
