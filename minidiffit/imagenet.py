@@ -9,7 +9,7 @@ notebooks/09_imagenet256.ipynb. Command line:
 """
 
 import argparse
-import dataclasses
+import functools
 import json
 import os
 import sys
@@ -22,8 +22,8 @@ import torch.distributed as dist
 from PIL import Image
 
 from .config import parse_overrides
+from .vae import SD_VAE_SCALE, LatentVAE, VAEConfig, load_vae
 
-SCALE_FACTOR = 0.18215  # Stable Diffusion's latent scale: makes the VAE latents roughly unit variance (LDM Sec. 4.3)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # compared lower-cased, so ImageNet's .JPEG counts
 MANIFEST = "manifest.json"
 FORMAT = "minidiffit-latents/1"  # bumped whenever the shard layout changes
@@ -115,54 +115,6 @@ def make_synthetic_imagefolder(root, num_classes=3, per_class=4, size=64, seed=0
 
 
 # ----------------------------------------------------------------------------
-# The VAE encoder: images in [-1, 1] -> scaled latents (B, 4, H/8, W/8)
-
-
-class VAEEncoder:
-    """A diffusers `AutoencoderKL` seen as `encode(x in [-1, 1]) -> latents * 0.18215`, the interface prepare() uses."""
-
-    def __init__(self, autoencoder, sample_posterior=True, scale_factor=SCALE_FACTOR):
-        self.autoencoder, self.sample_posterior, self.scale_factor = autoencoder.eval(), sample_posterior, scale_factor
-
-    @torch.no_grad()
-    def encode(self, x):
-        posterior = self.autoencoder.encode(x).latent_dist  # a diagonal Gaussian over latents
-        z = posterior.sample() if self.sample_posterior else posterior.mean
-        return z * self.scale_factor
-
-
-def tiny_autoencoder(seed=0):
-    """A randomly initialised AutoencoderKL (67k parameters) with the real one's 8x downsampling and 4 channels."""
-    AutoencoderKL = _import_autoencoder()
-    torch.manual_seed(seed)
-    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)
-
-
-def build_vae_encoder(name, device="cpu", sample_posterior=True):
-    """`name`: "tiny" (random, no download), a Hugging Face id (stabilityai/sd-vae-ft-ema, -mse) or a local folder."""
-    if name == "tiny":
-        autoencoder = tiny_autoencoder()
-    else:
-        AutoencoderKL = _import_autoencoder()
-        try:
-            autoencoder = AutoencoderKL.from_pretrained(name)
-        except Exception as error:  # offline, a typo, or a folder without config.json
-            raise OSError(f"could not load the VAE {name!r} ({error}). Pass a Hugging Face id "
-                          "(stabilityai/sd-vae-ft-ema needs internet once) or --vae=/path/to/a/diffusers/AutoencoderKL "
-                          "folder holding config.json and the weights; --vae=tiny is a random one for tests.") from None
-    return VAEEncoder(autoencoder.to(device), sample_posterior=sample_posterior)
-
-
-def _import_autoencoder():
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise ImportError("the latent path needs diffusers: pip install 'minidiffit[latent]'") from None
-    return AutoencoderKL
-
-
-# ----------------------------------------------------------------------------
 # prepare: encode the whole set once into sharded latents
 
 
@@ -226,9 +178,9 @@ def read_manifest(out):
 def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
     """Encode `cfg.data_dir` into `cfg.out`; returns the manifest. Resumable and shardable over ranks.
 
-    `vae`: any object with `encode(x (B,3,H,W) in [-1,1]) -> (B,4,H/8,W/8)` scaled latents (built from
-    `cfg.vae` when None). Rank r writes shards s with s % world_size == r; finished shards are skipped,
-    so a killed run restarts at its first missing shard. Rank 0 marks the manifest complete at the end.
+    `vae`: a `vae.LatentVAE`, or any object with `encode(x (B,3,H,W) in [-1,1]) -> (B,4,H/8,W/8)` scaled
+    latents; loaded from `cfg.vae` when None. Rank r writes the shards s with s % world_size == r and skips
+    those already on disk, so a killed run restarts at its first missing shard. Rank 0 marks it complete.
     """
     if cfg.dtype not in ("float16", "float32"):
         raise ValueError(f"--dtype={cfg.dtype}: choose float16 or float32")
@@ -236,11 +188,7 @@ def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
         raise ValueError("--out=DIR is required: the folder for the latent shards")
     out = Path(cfg.out)
     dataset = ImageFolder(cfg.data_dir, cfg.image_size, output="float")
-    device = torch.device(cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"))
-    if vae is None:
-        vae = build_vae_encoder(cfg.vae, device, cfg.sample_posterior)
-    plan = _plan(cfg, dataset, getattr(vae, "scale_factor", SCALE_FACTOR))
-
+    plan = _plan(cfg, dataset, getattr(vae, "scale", SD_VAE_SCALE) if vae is not None else VAEConfig().scale)
     if (out / MANIFEST).exists():
         old = read_manifest(out)
         changed = [k for k in plan if old.get(k) != plan[k]]
@@ -256,25 +204,50 @@ def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
             _write_manifest(out, plan, complete=False)
     _barrier()
 
-    # This rank's unfinished shards, cut into batches that never straddle two shards.
     todo = [s for s in range(rank, len(plan["shards"]), world_size) if not (out / plan["shards"][s]["file"]).exists()]
+    if todo:
+        local = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        device = torch.device(cfg.device or local)
+        if vae is None:
+            vae = load_vae(VAEConfig(source=cfg.vae), device)
+        # A LatentVAE (vae.py) honours cfg.sample_posterior; any other encoder (tests) is called as encode(x).
+        encode = vae.encode
+        if isinstance(vae, LatentVAE):
+            encode = functools.partial(vae.encode, sample=cfg.sample_posterior)
+        _log(rank, f"{len(todo)} shards to encode on {device}, {len(plan['shards']) - len(todo)} of all there already")
+        # Seeding per batch below must not leave the caller's random state changed.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _encode_shards(cfg, plan, todo, dataset, encode, device, out, rank)
+
+    _barrier()
+    missing = [s["file"] for s in plan["shards"] if not (out / s["file"]).exists()]
+    if rank == 0:
+        if missing:  # only when ranks ran unsynchronised (no process group) and some have not finished
+            _log(rank, f"{len(missing)} shards still missing (e.g. {missing[0]}); the manifest stays incomplete")
+        else:
+            _write_manifest(out, plan, complete=True)
+            _log(rank, f"done: {plan['num_images']} images in {len(plan['shards'])} shards under {out}")
+    return {**plan, "complete": not missing}
+
+
+def _encode_shards(cfg, plan, todo, dataset, encode, device, out, rank):
+    """Encode the shards numbered `todo`, each image as is and mirrored, writing each shard when it is full."""
+    # Batches never straddle two shards, so a shard is written as soon as its last batch is encoded.
     batches = [(s, list(range(b, min(b + cfg.batch, shard["start"] + shard["count"]))))
                for s in todo for shard in [plan["shards"][s]]
                for b in range(shard["start"], shard["start"] + shard["count"], cfg.batch)]
-    _log(rank, f"{len(todo)} shards to encode on {device} ({len(plan['shards']) - len(todo)} of this run's total already there)")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b for _, b in batches], num_workers=cfg.num_workers,
                                          pin_memory=device.type == "cuda")
-    dtype = getattr(torch, cfg.dtype)
     parts = []
     for (s, indices), (x, y) in zip(batches, loader):
         x = x.to(device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
-        # Choice: store one posterior sample (as fast-DiT's extract_features does; DiT itself drew a fresh
-        # sample each step), seeded from the batch's first index so a resumed or multi-GPU run writes the
-        # same numbers. The SD VAE's posterior std is small next to its mean, so fresh samples matter little.
+        # Choice: store one posterior sample (as fast-DiT's feature extraction does; DiT drew a fresh one
+        # each step), seeded from the batch's first index so a resumed or multi-GPU run writes the same
+        # numbers. The SD VAE's posterior std is small next to its mean, so fresh samples would matter little.
         torch.manual_seed(cfg.seed * 10_000_019 + indices[0])
-        z = vae.encode(torch.cat([x, x.flip(-1)]))  # (2B, 4, h, w): the images, then their mirror images
+        z = encode(torch.cat([x, x.flip(-1)]))  # (2B, 4, h, w): the images, then their mirror images
         z = torch.stack(z.chunk(2), dim=1)  # (B, 2, 4, h, w): index 1 along dim 1 is the flipped image
-        parts.append((z.to("cpu", dtype), y))
+        parts.append((z.to("cpu", getattr(torch, cfg.dtype)), y))
         shard = plan["shards"][s]
         if indices[-1] == shard["start"] + shard["count"] - 1:  # last batch of shard s: write it
             latents, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).long()
@@ -282,16 +255,6 @@ def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
             _write_atomic(out / shard["file"], lambda tmp: torch.save(record, tmp))
             parts = []
             _log(rank, f"wrote {shard['file']} ({shard['count']} images)")
-
-    _barrier()
-    if rank == 0:
-        missing = [s["file"] for s in plan["shards"] if not (out / s["file"]).exists()]
-        if missing:  # only when ranks ran unsynchronised (no process group) and some have not finished
-            _log(rank, f"{len(missing)} shards still missing (e.g. {missing[0]}); the manifest stays incomplete")
-        else:
-            _write_manifest(out, plan, complete=True)
-            _log(rank, f"done: {plan['num_images']} images in {len(plan['shards'])} shards under {out}")
-    return {**plan, "complete": not any(not (out / s["file"]).exists() for s in plan["shards"])}
 
 
 def _barrier():

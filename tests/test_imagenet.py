@@ -8,8 +8,21 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiffit.imagenet import (ImageFolder, LatentShardDataset, PrepareConfig, VAEEncoder, center_crop, main,
-                                 make_synthetic_imagefolder, prepare, tiny_autoencoder)
+from minidiffit.imagenet import (ImageFolder, LatentShardDataset, PrepareConfig, center_crop, main,
+                                 make_synthetic_imagefolder, prepare)
+from minidiffit.vae import LatentVAE, tiny_autoencoder
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The tiny VAE's convolutions take milliseconds; with several threads on a busy shared CPU each call
+    # waits on thread synchronisation instead (~1 s). Restored afterwards for the other test files.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # ----------------------------------------------------------------------------
 # The crop
@@ -124,7 +137,7 @@ def test_synthetic_imagefolder_is_deterministic(tmp_path):
 
 
 class CountingVAE:
-    """Wraps an encoder, counting the images it encodes; raises once `fail_after` calls have gone through."""
+    """A LatentVAE's posterior mean (deterministic), counting the images encoded; `fail_after` calls, then a kill."""
 
     def __init__(self, encoder, fail_after=None):
         self.encoder, self.fail_after, self.calls, self.images = encoder, fail_after, 0, 0
@@ -134,7 +147,7 @@ class CountingVAE:
             raise KeyboardInterrupt("simulated kill")
         self.calls += 1
         self.images += len(x)
-        return self.encoder.encode(x)
+        return self.encoder.encode(x, sample=False)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +158,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder():
-    return VAEEncoder(tiny_autoencoder(seed=0), sample_posterior=False)  # the posterior mean: deterministic
+    return LatentVAE(tiny_autoencoder(seed=0)).eval()
 
 
 def _cfg(folder, out, **changes):
@@ -181,8 +194,8 @@ def test_prepare_latents_equal_direct_encoding_of_both_flips(folder, encoder, pr
     for i in range(12):
         x, y = images[i]
         assert labels[i] == y
-        torch.testing.assert_close(latents[i, 0], encoder.encode(x[None])[0], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(latents[i, 1], encoder.encode(x.flip(-1)[None])[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(latents[i, 0], encoder.encode(x[None], sample=False)[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(latents[i, 1], encoder.encode(x.flip(-1)[None], sample=False)[0], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(latents[:, 0], latents[:, 1], atol=1e-3)  # the flips really differ
 
 
@@ -193,14 +206,16 @@ def test_prepare_float16_storage_and_seeded_posterior_samples(folder, encoder, p
     for name in full:
         assert half[name]["latents"].dtype == torch.float16
         torch.testing.assert_close(half[name]["latents"], full[name]["latents"].half(), atol=2e-3, rtol=0)
-    # Posterior samples: seeded per batch, so two runs write identical shards, distinct from the mean.
-    sampler = VAEEncoder(encoder.autoencoder, sample_posterior=True)
-    for run in ("s1", "s2"):
-        prepare(_cfg(folder, tmp_path / run, sample_posterior=True), vae=sampler)
+    # Posterior samples: seeded per batch, so another run (here rank 1 of 2 alone) writes identical shards.
+    state = torch.random.get_rng_state()
+    prepare(_cfg(folder, tmp_path / "s1", sample_posterior=True), vae=encoder)
+    prepare(_cfg(folder, tmp_path / "s2", sample_posterior=True), vae=encoder, rank=1, world_size=2)
+    assert torch.equal(torch.random.get_rng_state(), state)  # prepare leaves the caller's random state alone
     s1, s2 = _shards(tmp_path / "s1"), _shards(tmp_path / "s2")
+    assert list(s2) == ["shard_00001.pt"]
+    torch.testing.assert_close(s1["shard_00001.pt"]["latents"], s2["shard_00001.pt"]["latents"], atol=0, rtol=0)
     for name in full:
-        torch.testing.assert_close(s1[name]["latents"], s2[name]["latents"], atol=0, rtol=0)
-        assert (s1[name]["latents"] - full[name]["latents"]).abs().max() > 1e-3
+        assert (s1[name]["latents"] - full[name]["latents"]).abs().max() > 1e-3  # a sample, not the mean
 
 
 def test_prepare_resumes_after_a_kill_and_skips_when_done(folder, encoder, prepared, tmp_path):
