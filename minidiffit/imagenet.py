@@ -204,7 +204,8 @@ def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
             _write_manifest(out, plan, complete=False)
     _barrier()
 
-    todo = [s for s in range(rank, len(plan["shards"]), world_size) if not (out / plan["shards"][s]["file"]).exists()]
+    mine = range(rank, len(plan["shards"]), world_size)  # rank r owns shards r, r + world_size, ...
+    todo = [s for s in mine if not (out / plan["shards"][s]["file"]).exists()]
     if todo:
         local = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
         device = torch.device(cfg.device or local)
@@ -214,7 +215,7 @@ def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
         encode = vae.encode
         if isinstance(vae, LatentVAE):
             encode = functools.partial(vae.encode, sample=cfg.sample_posterior)
-        _log(rank, f"{len(todo)} shards to encode on {device}, {len(plan['shards']) - len(todo)} of all there already")
+        _log(rank, f"encoding {len(todo)} of this rank's {len(mine)} shards on {device} (the rest exist)")
         # Seeding per batch below must not leave the caller's random state changed.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             _encode_shards(cfg, plan, todo, dataset, encode, device, out, rank)
@@ -309,6 +310,26 @@ class LatentShardDataset(torch.utils.data.Dataset):
                                  f"manifest expects {expected} from image {info['start']}; delete it and rerun prepare")
             self._shards[s] = (latents, labels)
         return self._shards[s]
+
+    def __repr__(self):
+        shape = "x".join(map(str, self.manifest["latent_shape"][1:]))
+        return f"LatentShardDataset({len(self)} latents {shape}, {self.num_classes} classes, {self.root})"
+
+    def get_batch(self, indices):
+        """(B,) indices -> (latents (B, 4, h, w) float32, labels (B,) int64): train.py's batched path."""
+        indices = torch.as_tensor(indices, dtype=torch.long).cpu()
+        if len(indices) and not (0 <= int(indices.min()) and int(indices.max()) < len(self)):
+            raise IndexError(f"indices out of range for {len(self)} latents")
+        flips = torch.randint(2, indices.shape) if self.random_flip else torch.zeros_like(indices)  # (B,)
+        x = torch.empty(len(indices), *self.manifest["latent_shape"][1:])  # (B, 4, h, w)
+        y = torch.empty(len(indices), dtype=torch.long)
+        shard_of = indices // self.shard_size
+        for s in shard_of.unique().tolist():  # one gather per shard the batch touches
+            rows = (shard_of == s).nonzero().squeeze(1)
+            latents, labels = self._shard(s)
+            x[rows] = latents[indices[rows] % self.shard_size, flips[rows]].float()
+            y[rows] = labels[indices[rows] % self.shard_size]
+        return x, y
 
     def __getitem__(self, i):
         if not 0 <= i < len(self):

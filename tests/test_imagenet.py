@@ -283,6 +283,15 @@ def test_latent_shard_dataset(folder, prepared):
     assert batch.shape == (12, 4, 4, 4) and y.tolist() == labels
     with pytest.raises(IndexError):
         data[12]
+    # The batched path train.py uses: same latents as item by item, both flips served, labels in order.
+    order = torch.tensor([11, 0, 5, 3, 10, 7])
+    x, y = fixed.get_batch(order)
+    torch.testing.assert_close(x, stored[order, 0].float(), atol=0, rtol=0)
+    assert y.dtype == torch.int64 and y.tolist() == [labels[i] for i in order]
+    x, _ = data.get_batch(torch.arange(12).repeat(4))  # (48, 4, 4, 4)
+    flips = [[k for k in (0, 1) if torch.equal(x[j], stored[j % 12, k])] for j in range(48)]
+    assert all(len(f) == 1 for f in flips) and {f[0] for f in flips} == {0, 1}
+    assert "12 latents 4x4x4, 3 classes" in repr(data)
 
 
 def test_latent_shard_dataset_errors(prepared, tmp_path):
