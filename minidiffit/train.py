@@ -322,7 +322,7 @@ def _fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def train(cfg, log=print):
+def train(cfg, log=None):
     """Train (or resume) the run in cfg.out until cfg.iters steps or cfg.minutes; returns the final step."""
     task = get_task(cfg.task)
     rank, world, local_rank = _distributed()
@@ -338,7 +338,10 @@ def train(cfg, log=print):
     if cuda:  # Choice: TF32 matmuls/convs; DESIGN.md Sec. 6 speed settings, CUDA only
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    log = log if rank == 0 else (lambda *a, **k: None)
+    if rank != 0:
+        log = lambda *a: None  # noqa: E731  only rank 0 talks
+    elif log is None:
+        log = lambda *a: print(*a, flush=True)  # noqa: E731
 
     out = Path(cfg.out)
     ckpt_path = out / "ckpt.pt"
@@ -431,7 +434,7 @@ def train(cfg, log=print):
             ips = (step - step_log) * cfg.batch / max(now - t_log, 1e-9)
             eta = min((cfg.iters - step) * cfg.batch / max(ips, 1e-9), budget - elapsed)
             log(f"step {step}/{cfg.iters} | loss {loss_sum / loss_n:.4f} | {ips:.1f} img/s | kimg {step * cfg.batch / 1000:.1f} "
-                f"| lr {lr:.2e} | elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(max(eta, 0))}", flush=True)
+                f"| lr {lr:.2e} | elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(max(eta, 0))}")
             t_log, step_log, loss_sum, loss_n = now, step, 0.0, 0
         if step % cfg.ckpt_every == 0 or finished():
             if rank == 0:
@@ -449,7 +452,7 @@ def train(cfg, log=print):
                     save_grid(images, record["grid"])
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                log(f"checkpoint {ckpt_path} at step {step}" + (f", grid {record['grid']}" if cfg.grid else "") + f" ({time.time() - t0:.1f}s)", flush=True)
+                log(f"checkpoint {ckpt_path} at step {step}" + (f", grid {record['grid']}" if cfg.grid else "") + f" ({time.time() - t0:.1f}s)")
             ckpt_loss, ckpt_n = 0.0, 0
             if world > 1:
                 dist.barrier()

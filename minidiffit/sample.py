@@ -1,0 +1,145 @@
+"""Sample a trained run: N images from the EMA weights, image i from seed i (EDM's convention).
+
+    python -m minidiffit.sample --ckpt=runs/x/ckpt.pt --num=50000 --out=runs/x/samples --steps=18
+    torchrun --nproc_per_node=8 -m minidiffit.sample --ckpt=... --num=50000 --out=samples.npz
+
+--out is a directory (PNGs 00000.png ..., resumable: existing files are skipped), a .npz (`arr_0`
+uint8 N x H x W x C, the layout FID tools read) or a .png (one grid). Ranks take strided indices.
+The sampler is the training task's (EDM Heun, EDM Algorithm 1, for "edm"). Notebook 05 uses it.
+"""
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import parse_overrides
+from .data import to_uint8
+from .train import _distributed, build_from_checkpoint, get_task, save_grid
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = ""  # checkpoint written by minidiffit.train (runs/x/ckpt.pt)
+    num: int = 50_000  # number of images; image i uses seed i
+    out: str = "samples"  # a directory of PNGs, a .npz (arr_0 uint8 NHWC) or a .png grid
+    steps: int = 18  # sampler steps (EDM Heun: 2 * steps - 1 network evaluations; 18 -> 35 on CIFAR-10)
+    batch: int = 256  # images per forward pass on one rank
+    ema: bool = True  # sample the EMA weights (as EDM and the paper evaluate); False: the raw weights
+
+
+def generate_images(model, cfg, indices, steps=18, batch=256, log=None):
+    """float images (len(indices), C, H, W) in [-1, 1]; image i from seed indices[i] only, any batching."""
+    task = get_task(cfg.task)
+    chunks = []
+    t0 = time.time()
+    for start in range(0, len(indices), batch):
+        seeds = torch.as_tensor(indices[start:start + batch], dtype=torch.int64)
+        chunks.append(task.generate(model, seeds, cfg, steps).cpu())
+        if log:
+            done = start + len(seeds)
+            log(f"  {done}/{len(indices)} images, {done / (time.time() - t0):.2f} img/s")
+    return torch.cat(chunks) if chunks else torch.zeros(0)
+
+
+def png_name(i):
+    return f"{i:05d}.png"
+
+
+def sample(scfg, log=None):
+    rank, world, local_rank = _distributed()
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if rank != 0:
+        log = lambda *a: None  # noqa: E731  only rank 0 talks
+    elif log is None:
+        log = lambda *a: print(*a, flush=True)  # noqa: E731
+    if not scfg.ckpt:
+        raise ValueError("pass --ckpt=<runs/x/ckpt.pt>")
+    model, cfg, ckpt = build_from_checkpoint(scfg.ckpt, use_ema=scfg.ema, device=device)
+    out = Path(scfg.out)
+    kind = "npz" if out.suffix == ".npz" else "grid" if out.suffix == ".png" else "dir"
+    mine = list(range(rank, scfg.num, world))  # strided: rank r makes images r, r + world, ...
+    if kind == "dir":
+        out.mkdir(parents=True, exist_ok=True)
+        mine = [i for i in mine if not (out / png_name(i)).exists()]  # resume: skip what is there
+    log(f"sampling {scfg.num} images ({'EMA' if scfg.ema else 'raw'} weights of {scfg.ckpt}, step {ckpt['step']}), "
+        f"{scfg.steps} steps, batch {scfg.batch} x {world} ranks -> {out}")
+    if kind == "dir" and rank == 0:
+        log(f"  rank 0 has {len(mine)} images to make (existing PNGs are skipped)")
+    if kind == "dir":
+        for start in range(0, len(mine), scfg.batch):
+            idx = mine[start:start + scfg.batch]
+            x = to_uint8(generate_images(model, cfg, idx, scfg.steps, scfg.batch)).permute(0, 2, 3, 1).numpy()
+            for i, arr in zip(idx, x):
+                _save_png(arr, out / png_name(i))
+            log(f"  {start + len(idx)}/{len(mine)} images on rank 0")
+    else:
+        x = to_uint8(generate_images(model, cfg, mine, scfg.steps, scfg.batch, log=log))  # (n, C, H, W)
+        if kind == "grid":
+            if world > 1:
+                raise ValueError("a .png grid is a single-process output; run without torchrun or use a directory/.npz")
+            save_grid(x.float() / 127.5 - 1, out)
+        else:
+            part = out.with_name(f"{out.name}.part{rank}of{world}.npy")
+            np.save(part, x.permute(0, 2, 3, 1).numpy())  # (n, H, W, C)
+            if world > 1:
+                dist.barrier()
+            if rank == 0:
+                parts = [out.with_name(f"{out.name}.part{r}of{world}.npy") for r in range(world)]
+                arrays = [np.load(p) for p in parts]
+                arr = np.empty((scfg.num,) + arrays[0].shape[1:], dtype=np.uint8)
+                for r, a in enumerate(arrays):
+                    arr[r::world] = a  # undo the striding: image i at row i
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(out.name + ".tmp.npz")
+                np.savez(tmp, arr_0=arr)
+                os.replace(tmp, out)
+                for p in parts:
+                    p.unlink()
+    if world > 1:
+        dist.barrier()
+    log(f"wrote {out}")
+    return out
+
+
+def _save_png(arr, path):
+    from PIL import Image
+
+    tmp = path.with_name(path.name + ".tmp.png")  # a killed run never leaves a half-written PNG behind
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        for f in dataclasses.fields(SampleConfig):
+            print(f"  --{f.name}={f.default!r}")
+        return
+    try:
+        sample(parse_overrides(SampleConfig(), argv))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"minidiffit.sample: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
