@@ -9,6 +9,7 @@ notebooks/09_imagenet256.ipynb. Command line:
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -62,6 +63,7 @@ class ImageFolder(torch.utils.data.Dataset):
     """Images in class subfolders -> (image (3, size, size), label). Classes are the sorted folder names -> 0..K-1.
 
     `output="float"` gives float32 in [-1, 1] (what the VAE takes), `"uint8"` the raw cropped pixels.
+    Attributes: `classes` (folder names), `paths` and `labels` (numpy arrays, one entry per image).
     """
 
     def __init__(self, root, image_size=256, output="float"):
@@ -72,24 +74,27 @@ class ImageFolder(torch.utils.data.Dataset):
             raise FileNotFoundError(f"image folder {str(root)!r} does not exist; {LAYOUT_HINT}")
         self.root, self.image_size, self.output = root, image_size, output
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        self.samples = []  # (path, label), sorted by class then file name: a fixed order for the shards
+        paths, labels = [], []  # sorted by class, then file name: a fixed order for the shards
         for label, name in enumerate(self.classes):
             files = sorted(f.name for f in os.scandir(root / name) if f.name.lower().endswith(IMAGE_EXTENSIONS))
-            self.samples += [(str(root / name / f), label) for f in files]
-        if not self.samples:
+            paths += [str(root / name / f) for f in files]
+            labels += [label] * len(files)
+        # numpy arrays rather than 1.28M Python strings: DataLoader workers that merely read Python objects
+        # touch their reference counts and so copy the pages, once per worker.
+        self.paths, self.labels = np.array(paths), np.array(labels, dtype=np.int64)
+        if not paths:
             found = f"{len(self.classes)} subfolders but no images in them" if self.classes else "no class subfolders"
             raise FileNotFoundError(f"image folder {str(root)!r} has {found}; {LAYOUT_HINT}")
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.paths)
 
     def __getitem__(self, i):
-        path, label = self.samples[i]
-        with Image.open(path) as image:
+        with Image.open(self.paths[i]) as image:
             pixels = torch.from_numpy(center_crop(image, self.image_size).copy()).permute(2, 0, 1)  # (3, H, W) uint8
         if self.output == "float":
             pixels = pixels.float() / 127.5 - 1
-        return pixels, label
+        return pixels, int(self.labels[i])
 
 
 @dataclass
@@ -358,8 +363,11 @@ class LatentShardDataset(torch.utils.data.Dataset):
 
 
 def main(argv=None):
+    keys = {name: " ".join(f"--{f.name}={f.default}" for f in dataclasses.fields(c))
+            for name, c in (("prepare", PrepareConfig), ("synthetic", SyntheticConfig))}
     parser = argparse.ArgumentParser(prog="python -m minidiffit.imagenet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(f"{name} keys (defaults): {text}" for name, text in keys.items()))
     parser.add_argument("command", choices=["prepare", "synthetic"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "synthetic":

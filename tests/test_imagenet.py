@@ -103,11 +103,12 @@ def test_imagefolder_labels_extensions_and_errors(tmp_path):
     (root / "n00000002" / "notes.txt").write_text("not an image")
     data = ImageFolder(root, image_size=32, output="uint8")
     assert data.classes == ["n00000000", "n00000001", "n00000002"]
-    assert [label for _, label in data.samples] == [0, 0, 1, 1, 1, 2, 2]
+    assert data.labels.tolist() == [0, 0, 1, 1, 1, 2, 2]
     assert len(data) == 7
     pixels, label = data[4]  # n00000001's third file in sorted order: n00000001_1.png
     assert label == 1 and pixels.shape == (3, 32, 32) and pixels.dtype == torch.uint8
-    with Image.open(data.samples[4][0]) as image:
+    assert data.paths[4].endswith("n00000001/n00000001_1.png")
+    with Image.open(data.paths[4]) as image:
         np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), center_crop(image, 32))
     as_float, _ = ImageFolder(root, image_size=32)[4]
     torch.testing.assert_close(as_float, pixels.float() / 127.5 - 1)
@@ -266,7 +267,7 @@ def test_prepare_ranks_write_disjoint_shards(folder, encoder, tmp_path):
 def test_latent_shard_dataset(folder, prepared):
     out, _ = prepared
     stored = torch.cat([s["latents"] for s in _shards(out).values()])
-    labels = [label for _, label in ImageFolder(folder, image_size=32).samples]
+    labels = ImageFolder(folder, image_size=32).labels.tolist()
     data = LatentShardDataset(out)
     assert len(data) == 12 and data.num_classes == 3
     torch.manual_seed(0)
