@@ -79,10 +79,13 @@ def load_vae(cfg: VAEConfig = VAEConfig(), device="cpu"):
         autoencoder = tiny_autoencoder()
     else:
         source = os.environ.get("MINIDIFFIT_VAE") or cfg.source
+        hint = ("Download it on a machine with internet (huggingface-cli download stabilityai/sd-vae-ft-ema "
+                "--local-dir DIR) and set MINIDIFFIT_VAE=DIR, or use source='tiny' for a random test VAE.")
+        # A Hugging Face id is "owner/name"; anything else that is not a directory is a wrong local path.
+        if (source.startswith(("/", ".", "~")) or source.count("/") > 1) and not os.path.isdir(source):
+            raise FileNotFoundError(f"no VAE directory at {source!r}. {hint}")
         try:
             autoencoder = _autoencoder_kl().from_pretrained(source)
         except OSError as e:
-            raise OSError(f"cannot load the VAE from {source!r}: {e}\nDownload it on a machine with internet "
-                          "(huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir DIR) and set "
-                          "MINIDIFFIT_VAE=DIR, or use source='tiny' for a random test VAE.") from None
+            raise OSError(f"cannot load the VAE from {source!r}: {e}\n{hint}") from None
     return LatentVAE(autoencoder, cfg.scale).to(device).eval()

@@ -1,0 +1,54 @@
+"""The VAE wrapper on a tiny random AutoencoderKL (no download): shapes, the 0.18215 scale, errors."""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="the VAE needs the latent extra: pip install minidiffit[latent]")
+
+from minidiffit.vae import SD_VAE_SCALE, VAEConfig, load_vae  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return load_vae(VAEConfig(source="tiny"))
+
+
+def test_tiny_vae_has_the_sd_layout(vae):
+    cfg = vae.autoencoder.config
+    # Same depth as SD's VAE (4 levels, 3 downsamplings -> 8x) and 4 latent channels; narrower and shallower.
+    assert len(cfg.block_out_channels) == 4 and cfg.latent_channels == 4
+    assert vae.scale == SD_VAE_SCALE == 0.18215
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_encode_decode_shapes(vae, size):
+    images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = vae.encode(images)
+    assert z.shape == (1, 4, size // 8, size // 8)
+    assert vae.decode(z).shape == (1, 3, size, size)
+
+
+def test_scale_factor_is_applied(vae):
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    raw = vae.autoencoder.encode(images).latent_dist
+    torch.testing.assert_close(vae.encode(images, sample=False), raw.mean * SD_VAE_SCALE)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(vae.encode(images, generator=g1), raw.sample(generator=g2) * SD_VAE_SCALE)
+    z = vae.encode(images, sample=False)
+    torch.testing.assert_close(vae.decode(z), vae.autoencoder.decode(z / SD_VAE_SCALE).sample)
+
+
+def test_tiny_vae_is_deterministic_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    a, b = load_vae(VAEConfig(source="tiny")), load_vae(VAEConfig(source="tiny"))
+    assert torch.equal(torch.rand(1), expected)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_missing_local_vae_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIDIFFIT_VAE", str(tmp_path / "nowhere"))
+    with pytest.raises(OSError, match="MINIDIFFIT_VAE"):
+        load_vae(VAEConfig())
