@@ -49,7 +49,7 @@ class TrainConfig:
     eps: float = 1e-8  # Adam epsilon (EDM)
     warmup_kimg: float = 10_000  # linear lr warm-up over this many thousand images (EDM: 10 Mimg)
     ema_halflife_kimg: float = 500  # EMA half-life in thousands of images (EDM: 0.5 Mimg)
-    ema_rampup: float = 0.05  # EMA half-life is at most this fraction of the images seen so far (EDM)
+    ema_rampup: float = 0.05  # EMA half-life is at most this fraction of the images seen so far (EDM; 0 = no ramp)
     augment_p: float = 0.12  # EDM non-leaky augmentation probability (CIFAR-10: 0.12; 0 = off)
     seed: int = 0  # seeds the model init, the data order and every batch's noise
     ckpt_every: int = 5000  # steps between checkpoints (one is also written at the end)
@@ -72,6 +72,7 @@ RESUMABLE_KEYS = ("out", "data_dir", "iters", "minutes", "accum", "ckpt_every", 
 #   loss(model, x, y, cfg) -> (B,)                per-sample loss on a batch; model may be DDP/compiled
 #   generate(model, seeds, cfg, steps) -> (N,C,H,W) float in [-1, 1]; image i from seed seeds[i] only
 #   load_data(cfg) -> dataset with get_batch(indices) -> (x, y) (or __getitem__ -> (x, y))
+#   defaults: {field: value} TrainConfig defaults for this task (lr, batch, ...); the command line wins
 #
 # The loop seeds torch's global RNG per micro-batch before calling loss(), so a task draws its noise
 # from the global RNG (no generator argument) and stays resumable and rank-count independent.
@@ -84,6 +85,7 @@ class Task:
     loss: Callable  # (model, x (B,...), y (B,), cfg) -> (B,) per-sample loss
     generate: Callable  # (model, seeds (N,) int64, cfg, num_steps) -> (N, C, H, W) float in [-1, 1]
     load_data: Callable  # (cfg) -> dataset
+    defaults: dict = dataclasses.field(default_factory=dict)  # TrainConfig values this task starts from
 
 
 def seeded_noise(seeds, shape, device="cpu"):
@@ -173,7 +175,7 @@ def ema_beta(cur_nimg, batch, halflife_kimg=500, rampup=0.05):
     ramp keeps the average short early on, so the EMA is never dominated by the random initialisation.
     """
     halflife_nimg = halflife_kimg * 1000
-    if rampup is not None:
+    if rampup:  # None or 0: a constant half-life (a fixed beta, e.g. DiT's 0.9999)
         halflife_nimg = min(halflife_nimg, cur_nimg * rampup)
     return 0.5 ** (batch / max(halflife_nimg, 1e-8))
 
@@ -468,8 +470,9 @@ def main(argv=None):
             print(f"  --{f.name}={f.default!r}")
         return
     try:
-        cfg = parse_overrides(TrainConfig(), argv)
-        train(cfg)
+        task = parse_overrides(TrainConfig(), [a for a in argv if a.startswith("--task=")]).task
+        base = dataclasses.replace(TrainConfig(task=task), **get_task(task).defaults)  # then the command line
+        train(parse_overrides(base, argv))
     except (ValueError, FileNotFoundError) as e:
         print(f"minidiffit.train: error: {e}", file=sys.stderr)
         sys.exit(2)

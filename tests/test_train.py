@@ -90,6 +90,7 @@ def test_ema_beta_and_lr_formulas():
     assert ema_beta(1_000_000, 512) == pytest.approx(0.5 ** (512 / 50_000))
     assert ema_beta(100_000_000, 512) == pytest.approx(0.5 ** (512 / 500_000))
     assert ema_beta(10**9, 512, rampup=None) == pytest.approx(0.5 ** (512 / 500_000))
+    assert ema_beta(0, 256, halflife_kimg=1774.5, rampup=0) == pytest.approx(0.9999, abs=1e-7)  # no ramp: DiT's constant
     cfg = TrainConfig()
     assert learning_rate(cfg, 0) == 0 and learning_rate(cfg, 5_000_000) == pytest.approx(5e-4)
     assert learning_rate(cfg, 20_000_000) == pytest.approx(1e-3)
