@@ -127,6 +127,24 @@ def test_tmsa_attention_pattern_depends_on_temb():
     assert not torch.allclose(m(x, torch.randn(1, dim)), m(x, torch.randn(1, dim)), atol=1e-4)
 
 
+def test_tmsa_time_key_term_cancels_in_softmax():
+    # (q_i + a).(k_j + b) = q_i.k_j + a.k_j + (terms constant in j): the softmax over j ignores b = x_t W_kt,
+    # so zeroing the key rows of qkv_temb changes nothing (notebook 02 explains; kept for checkpoint layout).
+    torch.manual_seed(0)
+    dim = 16
+    m = TMSA(dim, 2, window_size=3, temb_dim=8)
+    x, temb = torch.randn(2, 9, dim), torch.randn(2, 8)
+    out = m(x, temb)
+    with torch.no_grad():
+        m.qkv_temb.weight[dim:2 * dim].mul_(0)
+        m.qkv_temb.bias[dim:2 * dim].mul_(0)
+    torch.testing.assert_close(m(x, temb), out, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the query rows, in contrast, do matter
+        m.qkv_temb.weight[:dim].mul_(0)
+        m.qkv_temb.bias[:dim].mul_(0)
+    assert not torch.allclose(m(x, temb), out, atol=1e-4)
+
+
 def test_tmsa_temb_dim_differs_from_dim():
     torch.manual_seed(0)
     m = TMSA(16, 4, window_size=2, temb_dim=40)
