@@ -54,6 +54,10 @@ class TMSA(Attention):
     `qkv_temb(temb)` is one (3D,) vector per image, broadcast over all N tokens: the extra cost is one
     D x 3D matrix-vector product per image, against N of them for the spatial tokens.
     `temb_dim` may differ from `dim` (the U-Net's time token is wider than its early stages).
+
+    Note: the time term of the keys, k_t, adds q_i . k_t to every logit of row i, a constant over the
+    keys j, so the softmax cancels it; time acts through q_t (a per-key score q_t . k_j) and v_t (a shift
+    of every output). The weights stay, as the paper's Eq. 4 and the released checkpoints have them.
     """
 
     def __init__(self, dim, num_heads, window_size=None, temb_dim=None, fused=True):
