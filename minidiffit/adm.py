@@ -116,7 +116,9 @@ class GaussianDiffusion:
 
     @staticmethod
     def _at(arr, t, x):
-        """arr[t] broadcast to x's shape, in x's dtype: (B,) steps -> (B, 1, 1, ...)."""
+        """arr[t] broadcast to x's shape, in x's dtype: (B,) steps -> (B, 1, 1, ...).
+
+        Coefficients are kept in float64 and rounded to x's dtype only here, as ADM does (float32 on GPU)."""
         out = arr[t.cpu()].to(device=x.device, dtype=x.dtype)
         return out.view(-1, *([1] * (x.ndim - 1)))
 
@@ -150,12 +152,14 @@ class GaussianDiffusion:
             frac = (v + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
         elif model_output.shape[1] == C:
+            # Choice: eps-only models are accepted too (DiT's learn_sigma=False), with ADM's fixed-large variance.
             # Fixed large: beta_t, with beta_0 replaced by the posterior variance at t=1 (as ADM).
             eps = model_output
             large = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
             log_variance = self._at(torch.log(large), t, x_t).expand_as(x_t)
         else:
-            raise ValueError(f"model output has {model_output.shape[1]} channels; expected {C} (eps) or {2 * C} (eps, v)")
+            raise ValueError(f"model output has {model_output.shape[1]} channels; "
+                             f"expected {C} (eps) or {2 * C} (eps, v)")
         # x_0 from eps (DDPM Eq. 4 solved for x_0), then the posterior mean given that x_0.
         acp = self._at(self.alphas_cumprod, t, x_t)
         pred_xstart = (x_t - (1 - acp).sqrt() * eps) / acp.sqrt()
@@ -195,7 +199,8 @@ class GaussianDiffusion:
         true_mean, _, true_log_var = self.q_posterior(x_start, x_t, t)
         p = self.p_mean_variance(model_output, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / math.log(2.0)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, p["mean"], 0.5 * p["log_variance"])) / math.log(2.0)
+        log_px = discretized_gaussian_log_likelihood(x_start, p["mean"], 0.5 * p["log_variance"])
+        nll = -mean_flat(log_px) / math.log(2.0)
         return torch.where(t.to(kl.device) == 0, nll, kl)
 
     # --- samplers ------------------------------------------------------------------

@@ -28,7 +28,8 @@ class LatentConfig:
     in_channels: int = 4  # latent channels of the Stable Diffusion VAE
     patch_size: int = 2  # p: each p x p latent patch becomes one token
     dim: int = 1152  # D, token width
-    depth: int = 28  # number of DiffiT blocks (the release; the paper's text says 30)
+    # Deviation (from the paper's text, which says 30): depth 28, as the released weights and the 561M count.
+    depth: int = 28  # number of DiffiT blocks
     num_heads: int = 16  # attention heads
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * dim
     num_classes: int = 1000  # class labels 0..num_classes-1; row num_classes is the null (unconditional) label
@@ -38,6 +39,7 @@ class LatentConfig:
 
 
 # The DiT family of sizes (DiT Table 1), all patch 2; XL/2 is the released DiffiT model (DESIGN.md Sec. 4).
+# Choice: L/2, B/2, S/2 and tiny are not in the DiffiT paper; they are DiT's sizes for smaller budgets.
 LATENT_PRESETS = {
     "XL/2": LatentConfig(depth=28, dim=1152, num_heads=16),
     "L/2": LatentConfig(depth=24, dim=1024, num_heads=16),
@@ -201,6 +203,8 @@ class LatentDiffiT(nn.Module):
         and DiT do (a quirk: the 4th eps channel and the variance channels keep the conditional output);
         `channels=None` guides all eps channels (the variance channels always stay conditional).
         """
+        # Choice: the released behaviour (channels 0..2) is the default because it reproduces the published
+        # FID; all-channel guidance is the textbook formula and an option.
         B = x.shape[0]
         null = torch.full_like(y, self.cfg.num_classes)
         out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, 2C, H, W)
@@ -217,7 +221,8 @@ class LatentDiffiT(nn.Module):
 
 @dataclass
 class Guidance:
-    scale: float = 4.4  # the guidance scale at t = 0 (the paper reports 4.6 for 256 px; the release uses 4.4)
+    # Deviation (from the paper's 4.6 at 256 px): 4.4, the released sampler's value.
+    scale: float = 4.4  # the guidance scale at t = 0
     schedule: str = "power-cosine"  # "power-cosine": ramps from 1 (t = T) to `scale` (t = 0); "constant"
     power: float = 4.0  # exponent of the power-cosine ramp
     num_steps: int = 1000  # T of the original (un-respaced) diffusion
@@ -227,6 +232,11 @@ GUIDANCE_PRESETS = {
     "256": Guidance(scale=4.4, schedule="power-cosine"),  # the released 256 px sampler
     "512": Guidance(scale=1.49, schedule="constant"),  # the released 512 px sampler
 }
+
+
+def default_guidance(cfg: LatentConfig):
+    """The released guidance for a model: power-cosine 4.4 up to 32x32 latents (256 px), constant 1.49 above."""
+    return GUIDANCE_PRESETS["256"] if cfg.input_size <= 32 else GUIDANCE_PRESETS["512"]
 
 
 def guidance_scale(g, t):

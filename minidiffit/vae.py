@@ -18,7 +18,7 @@ SD_VAE_SCALE = 0.18215  # LDM's scale factor: 1 / std of the SD VAE's latents on
 
 @dataclass
 class VAEConfig:
-    source: str = "stabilityai/sd-vae-ft-ema"  # Hugging Face repo id, a local directory, or "tiny" (random, no download)
+    source: str = "stabilityai/sd-vae-ft-ema"  # Hugging Face id, a local directory, or "tiny" (random, no download)
     scale: float = SD_VAE_SCALE  # latents are multiplied by this after encoding, divided before decoding
 
 
@@ -75,6 +75,7 @@ def load_vae(cfg: VAEConfig = VAEConfig(), device="cpu"):
     The environment variable MINIDIFFIT_VAE, when set, names a local directory that replaces the Hugging
     Face id (for offline machines: download sd-vae-ft-ema once, point MINIDIFFIT_VAE at it).
     """
+    # Choice: MINIDIFFIT_VAE, an offline override of the Hugging Face id (the release downloads at run time).
     if cfg.source == "tiny":
         autoencoder = tiny_autoencoder()
     else:

@@ -147,7 +147,8 @@ def test_hybrid_loss_on_a_stub_model():
     model_mean, _, _ = d.q_posterior(x0_hat, xt, t)
     frac = (model.v.detach().view(1, 2, 1, 1) + 1) / 2
     model_logv = frac * b.log() + (1 - frac) * true_logv  # the true posterior's clipped log variance is the min
-    kl = 0.5 * (model_logv - true_logv + (true_logv - model_logv).exp() + (true_mean - model_mean) ** 2 / model_logv.exp() - 1)
+    kl = 0.5 * (model_logv - true_logv + (true_logv - model_logv).exp()
+                + (true_mean - model_mean) ** 2 / model_logv.exp() - 1)
     torch.testing.assert_close(out["vb"][1:], kl.mean(dim=(1, 2, 3))[1:] / math.log(2), rtol=1e-4, atol=1e-6)
     nll = -discretized_gaussian_log_likelihood(x0[:1], model_mean[:1], 0.5 * model_logv[:1]).mean() / math.log(2)
     torch.testing.assert_close(out["vb"][0], nll, rtol=1e-4, atol=1e-6)

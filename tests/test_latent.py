@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from minidiffit.latent import (
-    GUIDANCE_PRESETS, LATENT_PRESETS, Guidance, LatentConfig, LatentDiffiT, check_state_dict,
+    GUIDANCE_PRESETS, LATENT_PRESETS, Guidance, LatentConfig, LatentDiffiT, check_state_dict, default_guidance,
     config_from_state_dict, guidance_scale, load_released, save_safetensors,
 )
 from minidiffit.tmsa import timestep_embedding
@@ -84,7 +84,8 @@ def test_parameter_count_matches_layout(name):
     model = meta_model(name)
     shapes = expected_shapes(model.cfg)
     trainable = {k: v for k, v in shapes.items() if k not in ("pos_embed",) and "relative_position_index" not in k}
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(math.prod(s) for s in trainable.values())
+    expected = sum(math.prod(s) for s in trainable.values())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
 
 
 @pytest.mark.parametrize("input_size", [32, 64])
@@ -150,7 +151,8 @@ def reference_forward(model, x, t, y):
     for i in range(cfg.depth):
         w = {k[len(f"blocks.{i}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}
         a = F.layer_norm(tok, (D,), eps=1e-6)
-        qkv = a @ w["attn.qkv.weight"].T + w["attn.qkv.bias"] + (c @ w["attn.qkv_temb.weight"].T + w["attn.qkv_temb.bias"])[:, None]
+        qkv = a @ w["attn.qkv.weight"].T + w["attn.qkv.bias"]
+        qkv = qkv + (c @ w["attn.qkv_temb.weight"].T + w["attn.qkv_temb.bias"])[:, None]
         q, k, v = qkv.reshape(B, g * g, 3, h, D // h).permute(2, 0, 3, 1, 4)
         bias = w["attn.relative_position_bias_table"][rel].permute(2, 0, 1)  # (h, N, N)
         attn = ((q @ k.transpose(-1, -2)) / math.sqrt(D // h) + bias).softmax(-1)
@@ -261,3 +263,8 @@ def test_gradients_reach_every_trainable_parameter():
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_default_guidance_follows_the_release():
+    assert default_guidance(LATENT_PRESETS["XL/2"]) is GUIDANCE_PRESETS["256"]
+    assert default_guidance(dataclasses.replace(LATENT_PRESETS["XL/2"], input_size=64)) is GUIDANCE_PRESETS["512"]
