@@ -72,6 +72,15 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
+def randn_like(x, generator=None):
+    """Standard normal noise shaped like x. `generator`: None, one torch.Generator (on x's device), or a list
+    of one per image, so that each image's noise is the same whatever the batch it is sampled in."""
+    if isinstance(generator, (list, tuple)):
+        noise = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator]
+        return torch.stack(noise).to(x.device)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def mean_flat(x):
     """(B, ...) -> (B,): mean over all but the batch dimension."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -145,6 +154,7 @@ class GaussianDiffusion:
         An output with C channels (eps only) uses the fixed "large" variance beta_t instead.
         """
         C = x_t.shape[1]
+        model_output = model_output.to(x_t.dtype)  # bf16 under autocast: do the diffusion math in x's precision
         if model_output.shape[1] == 2 * C:
             eps, v = model_output.split(C, dim=1)
             min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
@@ -183,7 +193,7 @@ class GaussianDiffusion:
         """
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)
-        out = self._model(model, x_t, t, model_kwargs)
+        out = self._model(model, x_t, t, model_kwargs).to(x_t.dtype)  # float32 loss under bf16 autocast
         C = x_start.shape[1]
         if out.shape[1] != 2 * C:
             raise ValueError(f"the hybrid loss needs a learned variance: model output has {out.shape[1]} channels, "
@@ -209,15 +219,15 @@ class GaussianDiffusion:
     def p_sample_loop(self, model, noise, model_kwargs=None, clip_denoised=False, generator=None):
         """Ancestral sampling (DDPM Algorithm 2) from x_T = `noise` over this diffusion's steps -> x_0.
 
-        x_{t-1} = mean + exp(log_variance / 2) * z, with no noise at the last step.
+        x_{t-1} = mean + exp(log_variance / 2) * z, with no noise at the last step. `generator`: see `randn_like`
+        (a list of per-image generators makes image i's trajectory independent of its batch).
         """
         x = noise
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             p = self.p_mean_variance(self._model(model, x, t, model_kwargs), x, t, clip_denoised)
             if i > 0:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = p["mean"] + torch.exp(0.5 * p["log_variance"]) * z
+                x = p["mean"] + torch.exp(0.5 * p["log_variance"]) * randn_like(x, generator)
             else:
                 x = p["mean"]
         return x
@@ -228,6 +238,7 @@ class GaussianDiffusion:
 
         x_{t-1} = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma z,
         sigma = eta * sqrt((1 - a_prev) / (1 - a)) * sqrt(1 - a / a_prev). The variance output is unused.
+        `generator` (eta > 0): see `randn_like`.
         """
         x = noise
         for i in reversed(range(self.num_timesteps)):
@@ -240,5 +251,5 @@ class GaussianDiffusion:
             sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
             x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
             if i > 0 and eta > 0:
-                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + sigma * randn_like(x, generator)
         return x

@@ -202,3 +202,16 @@ def test_samplers_recover_a_gaussian(sampler):
         x = d.ddim_sample_loop(exact_eps_model(), noise, eta=1.0 if sampler == "ddim-eta1" else 0.0, generator=g)
     torch.testing.assert_close(x.mean(0), MU, atol=0.02, rtol=0)
     torch.testing.assert_close(torch.cov(x.T), COV, atol=0.02, rtol=0)
+
+
+def test_per_image_generators_make_samples_batch_independent():
+    d = GaussianDiffusion.respaced("20")
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gens = [torch.Generator().manual_seed(s) for s in (10, 11, 12)]
+    batch = d.p_sample_loop(exact_eps_model(-1.0), noise, generator=gens)
+    alone = d.p_sample_loop(exact_eps_model(-1.0), noise[1:2], generator=[torch.Generator().manual_seed(11)])
+    torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=0)
+    batch = d.ddim_sample_loop(exact_eps_model(), noise, eta=1.0,
+                               generator=[torch.Generator().manual_seed(s) for s in (10, 11, 12)])
+    alone = d.ddim_sample_loop(exact_eps_model(), noise[1:2], eta=1.0, generator=[torch.Generator().manual_seed(11)])
+    torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=0)
