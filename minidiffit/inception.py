@@ -220,7 +220,6 @@ def load_inception(path=None, device="cpu"):
     cache, checked against the hash in the file name).
     """
     path = path or os.environ.get(ENV_VAR) or None
-    net = InceptionV3FID()
     if path is None:
         state = _download_pytorch_fid_weights()
     elif not Path(path).is_file():
@@ -231,6 +230,7 @@ def load_inception(path=None, device="cpu"):
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the ImageNet classifier: unused
+    net = InceptionV3FID()
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:

@@ -140,7 +140,7 @@ def test_precision_recall_batched_equals_brute_force(monkeypatch):
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # a case where both counts matter
     assert fid.precision_recall(real, fake) == pytest.approx(expected, abs=1e-12)
     small = fid._rows
-    monkeypatch.setattr(fid, "_rows", lambda n, m: small(n, m, budget=7 * m))  # 7-row blocks
+    monkeypatch.setattr(fid, "_rows", lambda n, m: small(n, m, budget=64 * m))  # 64-row blocks, a ragged last one
     assert fid.precision_recall(real, fake) == pytest.approx(expected, abs=1e-12)
 
 
@@ -181,8 +181,8 @@ def test_preprocess_resize_and_scale():
 def test_pytorch_fid_state_dict_loads(tmp_path):
     # pytorch-fid's file is torchvision's Inception3 state dict with a 1008-way `fc`; we keep all but `fc`.
     torch.manual_seed(0)
-    state = inception.InceptionV3FID().state_dict()
-    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    state = inception.InceptionV3FID().state_dict()  # random conv weights; make the BN tensors random too
+    state = {k: torch.rand_like(v) if ".bn." in k and v.is_floating_point() else v for k, v in state.items()}
     torch.save({**state, "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}, tmp_path / "w.pth")
     net = inception.load_inception(str(tmp_path / "w.pth"))
     for k, v in net.state_dict().items():
