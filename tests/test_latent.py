@@ -112,6 +112,9 @@ def test_safetensors_round_trip_through_load_released(tmp_path):
     save_safetensors(model, path)
     loaded = load_released(path)
     assert loaded.cfg == model.cfg
+    assert not loaded.pos_embed.requires_grad
+    assert all(p.requires_grad for n, p in loaded.named_parameters() if n != "pos_embed")
+    assert not any(t.is_meta for t in loaded.state_dict().values())
     x, t, y = tiny_inputs()
     torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
 
