@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from .attention import relative_position_index
 from .tmsa import DiffiTBlock, TimestepEmbedder
 
 # ----------------------------------------------------------------------------
@@ -155,13 +156,20 @@ class LatentDiffiT(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self):
-        """The release's (and DiT's) init; skipped on the meta device, where there is nothing to fill."""
+        """The release's (and DiT's) init of every tensor; skipped on the meta device (nothing to fill).
+
+        Complete, buffers included, so a model built on "meta" then `to_empty(device=...)` is made whole by
+        calling this again.
+        """
         if self.pos_embed.is_meta:
             return
         for m in self.modules():  # every Linear, the time projection `qkv_temb` included
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        for block in self.blocks:  # Swin's init of the bias table; the index is a constant of the grid
+            nn.init.trunc_normal_(block.attn.relative_position_bias_table, std=0.02)
+            block.attn.relative_position_index.copy_(relative_position_index(self.grid_size))
         self.pos_embed.copy_(sincos_pos_embed(self.cfg.dim, self.grid_size)[None])
         # The patch conv initialised as the Linear it is: xavier over (D, C*p*p).
         w = self.x_embedder.proj.weight

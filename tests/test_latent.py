@@ -271,3 +271,19 @@ def test_gradients_reach_every_trainable_parameter():
 def test_default_guidance_follows_the_release():
     assert default_guidance(LATENT_PRESETS["XL/2"]) is GUIDANCE_PRESETS["256"]
     assert default_guidance(dataclasses.replace(LATENT_PRESETS["XL/2"], input_size=64)) is GUIDANCE_PRESETS["512"]
+
+
+def test_meta_then_to_empty_then_initialize_weights_is_whole():
+    with torch.device("meta"):
+        model = LatentDiffiT(LATENT_PRESETS["tiny"])
+    model.to_empty(device="cpu")
+    model.initialize_weights()
+    fresh = LatentDiffiT(LATENT_PRESETS["tiny"])
+    for name, tensor in fresh.state_dict().items():
+        ours = model.state_dict()[name]
+        if "relative_position_index" in name or name == "pos_embed" or name.startswith("final_layer"):
+            assert torch.equal(ours, tensor), name  # constants and zeros
+        else:
+            assert torch.isfinite(ours).all() and ours.abs().max() < 10, name
+    x, t, y = tiny_inputs()
+    assert torch.isfinite(model(x, t, y)).all()
