@@ -201,7 +201,9 @@ def precision_recall(real_feats, fake_feats, k=3, device=None):
 # ----------------------------------------------------------------------------
 # Reference statistics files. Ours and EDM's hold `mu`, `sigma`; ADM's reference batches
 # (e.g. VIRTUAL_imagenet256_labeled.npz) hold `mu`, `sigma` of the same pool features plus the images `arr_0`
-# (and spatial-feature `mu_s`, `sigma_s` for sFID, which we ignore).
+# (and spatial-feature `mu_s`, `sigma_s` for sFID, which we ignore). Their mu/sigma were computed by the
+# original TensorFlow code, whose resize to 299 differs slightly from ours: FIDs against them can differ
+# from ADM's own evaluator in the first decimal.
 
 
 def save_reference(path, mu, sigma, **meta):
