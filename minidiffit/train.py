@@ -12,6 +12,7 @@ Introduced in notebooks/05_train_cifar10.ipynb.
 import contextlib
 import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -150,6 +151,7 @@ EDM_TASK = Task(build_model=edm_build_model, loss=edm_task_loss, generate=edm_ge
 
 TASKS = {
     "edm": lambda: EDM_TASK,  # image-space DiffiT with EDM (CIFAR-10, FFHQ-64)
+    "latent": lambda: importlib.import_module(f"{__package__}.latent_task").TASK,  # latent DiffiT, ImageNet (ADM diffusion)
 }
 
 
