@@ -1,0 +1,284 @@
+"""The latent DiffiT as a training task: ImageNet latents in, class-conditional guided samples out.
+
+Plugs `latent.LatentDiffiT`, `adm.GaussianDiffusion` and the VAE (`vae.py`) into train.py's shared loop
+as the "latent" entry of its TASKS table (DiffiT Sec. 4, App. I.2; DiT's recipe where the paper is silent),
+and gives sample.py the released checkpoints (`--weights=diffit_256.safetensors`) and ADM's npz layout
+(`arr_1` labels). Introduced in notebooks/09_imagenet256.ipynb. Command line (small helpers):
+    python -m minidiffit.latent_task reference --data_dir=IMAGES --out=REF.npz [--image_size=256]
+    python -m minidiffit.latent_task export --ckpt=runs/x/ckpt.pt --out=model.safetensors
+"""
+
+import dataclasses
+import functools
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .adm import GaussianDiffusion
+from .config import parse_overrides
+from .imagenet import MANIFEST, ImageFolder, LatentShardDataset, read_manifest
+from .latent import LATENT_PRESETS, LatentDiffiT, default_guidance, load_released, save_safetensors
+from .train import Task, TrainConfig, build_from_checkpoint
+from .vae import SD_VAE_SCALE, VAEConfig, load_vae
+
+DIFFUSION = GaussianDiffusion()  # the 1000-step training diffusion (linear betas; DESIGN.md Sec. 4)
+EMA_DECAY = 0.9999  # DiffiT App. I.2 (and DiT): per-step EMA decay at the reference batch
+REFERENCE_BATCH = 256  # DiffiT App. I.2: batch 256 at 256 px (512 at 512 px)
+
+# ----------------------------------------------------------------------------
+# Model and loss
+
+
+def latent_config(cfg):
+    """The LatentConfig of `cfg.preset` (LATENT_PRESETS), refusing the image-space (EDM) settings."""
+    if cfg.preset not in LATENT_PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r} for task 'latent'; choose one of {sorted(LATENT_PRESETS)}")
+    if cfg.dropout is not None:
+        raise ValueError("--dropout is an EDM U-Net setting; the latent model has none (its label dropout, "
+                         "p=0.1, is LatentConfig.class_dropout_prob): leave --dropout unset")
+    if cfg.augment_p > 0:
+        raise ValueError("--augment_p is EDM's image augmentation; the latent task uses none (the stored latents "
+                         "hold both horizontal flips): pass --augment_p=0")
+    return LATENT_PRESETS[cfg.preset]
+
+
+def build_model(cfg):
+    return LatentDiffiT(latent_config(cfg))
+
+
+def loss(model, x, y, cfg):
+    """Hybrid loss (Improved DDPM: MSE on eps + the bound's term for the variance) at a uniform random t.
+
+    x (B, 4, h, w) scaled latents, y (B,) labels -> (B,). Labels are dropped to the null class with
+    p = 0.1 inside the model (training mode), which is what lets guidance use the same network.
+    Noise, t and the dropout come from the global RNG, which the loop seeds per micro-batch.
+    """
+    t = torch.randint(0, DIFFUSION.num_timesteps, (x.shape[0],), device=x.device)  # (B,)
+    return DIFFUSION.training_losses(model, x, t, model_kwargs={"y": y})["loss"]  # (B,)
+
+
+# ----------------------------------------------------------------------------
+# Sampling: class-balanced labels, per-image seeds, guidance, VAE decode
+
+
+def class_labels(seeds, num_classes):
+    """(N,) int64: image i gets class i % num_classes.
+
+    # Choice: a fixed round-robin over the classes (50k images = 50 per ImageNet class, exactly balanced)
+    # where DiT and the release draw labels at random; FID barely notices, and image i is reproducible alone.
+    """
+    return torch.as_tensor(np.asarray(seeds), dtype=torch.int64) % num_classes
+
+
+def labels(model, seeds, cfg):
+    """The labels `generate` uses for `seeds` (sample.py writes them as `arr_1`, ADM's layout)."""
+    return class_labels(seeds, _unwrap(model).cfg.num_classes)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DDP keeps the network in .module
+
+
+def vae_source(cfg):
+    """(source, scale) of the VAE that decodes this run's samples.
+
+    The environment variable MINIDIFFIT_VAE=tiny forces the tiny random VAE (tests); otherwise the VAE that
+    encoded the training latents (their manifest records it), else Stable Diffusion's sd-vae-ft-ema. A
+    Hugging Face id is replaced by the local folder in MINIDIFFIT_VAE when that is set (see vae.load_vae).
+    """
+    if os.environ.get("MINIDIFFIT_VAE") == "tiny":
+        return "tiny", SD_VAE_SCALE
+    if cfg.data_dir and (Path(cfg.data_dir) / MANIFEST).is_file():
+        manifest = read_manifest(cfg.data_dir)
+        return manifest["vae"], manifest["scale_factor"]
+    return VAEConfig().source, SD_VAE_SCALE
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_vae(source, scale, device):
+    # Loaded once per process: the loop decodes a grid at every checkpoint, sample.py once per batch.
+    return load_vae(VAEConfig(source=source, scale=scale), device=device)
+
+
+@torch.no_grad()
+def decode(vae, z, chunk=32):
+    """Latents (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], decoded `chunk` at a time.
+
+    # Choice: clamp to [-1, 1] here; sample.py's quantisation round((x + 1) * 127.5) then equals ADM/DiT's
+    # clamp(127.5 x + 128, 0, 255).to(uint8) (a floor of the same number plus 0.5) except on exact ties.
+    """
+    # Chunks: the SD decoder's 512-channel activations at 256 px take ~130 MB per image in float32.
+    return torch.cat([vae.decode(z[i:i + chunk]).float().clamp(-1, 1) for i in range(0, len(z), chunk)])
+
+
+@torch.no_grad()
+def generate(model, seeds, cfg, num_steps=250, guidance=None, channels=3, vae=None):
+    """Guided ancestral sampling (250 respaced steps, DESIGN.md Sec. 4) -> images (N, 3, H, W) in [-1, 1].
+
+    Image i: label seeds[i] % num_classes, and every random number of its trajectory (the initial noise and
+    each step's noise) from its own generator seeded with seeds[i], so it is the same in any batch or rank.
+    `guidance`: None = the release's schedule for this resolution (power-cosine 4.4 at 256 px, constant
+    1.49 at 512 px), a float for a constant scale (1 = no guidance), or a latent.Guidance.
+    `channels`: 3 guides eps channels 0..2 as released, None all four. Each step costs two network
+    evaluations per image (the batch is doubled with the null label) unless guidance is 1.
+    """
+    net = _unwrap(model)
+    lcfg = net.cfg
+    device = next(net.parameters()).device
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU: the same numbers on any device
+    shape = (lcfg.in_channels, lcfg.input_size, lcfg.input_size)
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)  # (N, 4, h, w)
+    y = class_labels(seeds, lcfg.num_classes).to(device)  # (N,)
+    scale = default_guidance(lcfg) if guidance is None else guidance
+    if isinstance(scale, (int, float)) and scale == 1:
+        fn = net  # the conditional model alone: half the cost
+    else:
+        fn = functools.partial(net.forward_with_cfg, scale=scale, channels=channels)
+    diffusion = GaussianDiffusion.respaced(str(num_steps))
+    z = diffusion.p_sample_loop(fn, noise, model_kwargs={"y": y}, generator=generators)  # (N, 4, h, w)
+    if vae is None:
+        source, vae_scale = vae_source(cfg)
+        vae = _cached_vae(source, vae_scale, str(device))
+    return decode(vae, z)  # (N, 3, H, W)
+
+
+# ----------------------------------------------------------------------------
+# Data
+
+
+def load_data(cfg):
+    """The latents `python -m minidiffit.imagenet prepare` wrote in cfg.data_dir, checked against the preset."""
+    if not cfg.data_dir:
+        raise ValueError("the latent task trains on stored VAE latents: make them with `python -m minidiffit.imagenet "
+                         "prepare --data_dir=IMAGENET/train --out=LATENTS`, then pass --data_dir=LATENTS")
+    lcfg = latent_config(cfg)
+    data = LatentShardDataset(cfg.data_dir)
+    found = tuple(data.manifest["latent_shape"][1:])
+    expected = (lcfg.in_channels, lcfg.input_size, lcfg.input_size)
+    if found != expected:
+        raise ValueError(f"latents in {cfg.data_dir} are {found} (images of {data.manifest['image_size']} px) but "
+                         f"preset {cfg.preset!r} expects {expected}; prepare with --image_size={8 * lcfg.input_size} "
+                         "or choose a preset whose input_size matches")
+    if data.num_classes > lcfg.num_classes:
+        raise ValueError(f"{cfg.data_dir} has {data.num_classes} classes but preset {cfg.preset!r} has only "
+                         f"{lcfg.num_classes} labels; choose a preset with num_classes >= {data.num_classes}")
+    return data
+
+
+# ----------------------------------------------------------------------------
+# The task and its defaults (the command line wins)
+
+
+@dataclass
+class LatentTask(Task):
+    labels: Callable = labels  # (model, seeds, cfg) -> (N,) int64 class of each image; sample.py's arr_1
+
+
+DEFAULTS = {
+    "preset": "XL/2",
+    "data": "latents",  # Choice: a label only; the latent task reads --data_dir (LatentShardDataset)
+    # Choice: the paper gives no iteration count; 400k steps is DiT-XL/2's comparison point (its best
+    # model trained 7M). Override with --iters / --minutes.
+    "iters": 400_000,
+    "batch": REFERENCE_BATCH,  # DiffiT App. I.2 at 256 px; pass --batch=512 --lr=1e-4 at 512 px
+    "lr": 3e-4,  # DiffiT App. I.2 at 256 px (1e-4 at 512 px)
+    # Choice: Adam with no weight decay is exactly AdamW with weight decay 0 (DiT's optimizer; the paper
+    # does not name one), with PyTorch's default betas and eps, as DiT.
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "warmup_kimg": 0,  # no warm-up (DiT)
+    # A constant EMA: beta = 0.5 ** (batch / half-life) = 0.9999 per step at batch 256. Choice: given as a
+    # half-life in images, so a different --batch keeps the same averaging horizon in images.
+    "ema_halflife_kimg": REFERENCE_BATCH * math.log(0.5) / math.log(EMA_DECAY) / 1000,  # 1774.4
+    "ema_rampup": 0.0,
+    "augment_p": 0.0,  # no augmentation besides the stored flips (DiT)
+    "ckpt_every": 10_000,
+    "grid": 16,
+    "sample_steps": 250,
+}
+
+TASK = LatentTask(build_model=build_model, loss=loss, generate=generate, load_data=load_data, defaults=DEFAULTS)
+
+
+# ----------------------------------------------------------------------------
+# Released weights, export, reference batches
+
+
+def released_model(path, device="cpu"):
+    """(model, TrainConfig) for a released `diffit_256.safetensors` (or an `export`ed file): sample.py --weights."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no weights at {path}; download diffit_256.safetensors (or diffit_512) from "
+                                "https://huggingface.co/nvidia/DiffiT and pass its path")
+    model = load_released(path, device=device).requires_grad_(False)
+    # preset is a label here: generate reads the architecture off the model, the VAE from vae_source.
+    return model, TrainConfig(task="latent", preset="released", data=str(path), data_dir=None, augment_p=0.0, grid=0)
+
+
+def export(ckpt, out, use_ema=True):
+    """A training checkpoint's (EMA) weights -> a safetensors file in the release's layout."""
+    model, cfg, _ = build_from_checkpoint(ckpt, use_ema=use_ema)
+    if cfg.task != "latent":
+        raise ValueError(f"{ckpt} is a {cfg.task!r} run; export takes latent DiffiT checkpoints")
+    save_safetensors(model, out)
+    return out
+
+
+def write_reference_batch(data_dir, out, image_size=256, num=0):
+    """An ADM-style reference npz (`arr_0` uint8 N x H x W x 3, ADM's center crop) from an image folder.
+
+    For FAST runs and tests, where ADM's ImageNet reference batch is out of reach; fid.py treats both alike.
+    """
+    folder = ImageFolder(data_dir, image_size, output="uint8")
+    n = num or len(folder)
+    arr = np.stack([folder[i][0].permute(1, 2, 0).numpy() for i in range(n)])  # (N, H, W, 3)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, arr_0=arr, arr_1=folder.labels[:n])
+    return out
+
+
+@dataclass
+class ReferenceConfig:
+    data_dir: str = ""  # image folder with class subfolders
+    out: str = ""  # npz to write
+    image_size: int = 256  # ADM center crop size
+    num: int = 0  # first num images (0 = all)
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = ""  # runs/x/ckpt.pt of a --task=latent run
+    out: str = ""  # .safetensors file to write
+    ema: bool = True  # the EMA weights (False: the raw weights)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"reference": ReferenceConfig, "export": ExportConfig}
+    if not argv or argv[0] not in commands:
+        print(__doc__)
+        for name, c in commands.items():
+            print(f"{name} keys: " + " ".join(f"--{f.name}={f.default!r}" for f in dataclasses.fields(c)))
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        cfg = parse_overrides(commands[argv[0]](), argv[1:])
+        if not cfg.out or not (cfg.data_dir if argv[0] == "reference" else cfg.ckpt):
+            raise ValueError(f"{argv[0]} needs --out and --{'data_dir' if argv[0] == 'reference' else 'ckpt'}")
+        if argv[0] == "reference":
+            write_reference_batch(cfg.data_dir, cfg.out, cfg.image_size, cfg.num)
+        else:
+            export(cfg.ckpt, cfg.out, cfg.ema)
+        print(f"wrote {cfg.out}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"minidiffit.latent_task: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
