@@ -2,6 +2,7 @@
 
     python -m minidiffit.sample --ckpt=runs/x/ckpt.pt --num=50000 --out=runs/x/samples --steps=18
     torchrun --nproc_per_node=8 -m minidiffit.sample --ckpt=... --num=50000 --out=samples.npz
+    torchrun --nproc_per_node=8 -m minidiffit.sample --weights=diffit_256.safetensors --steps=250 --out=samples.npz
 
 --out is a directory (PNGs 00000.png ..., resumable: existing files are skipped), a .npz (`arr_0`
 uint8 N x H x W x C, the layout FID tools read) or a .png (one grid). Ranks take strided indices.
@@ -32,6 +33,7 @@ class SampleConfig:
     steps: int = 18  # sampler steps (EDM Heun: 2 * steps - 1 network evaluations; 18 -> 35 on CIFAR-10)
     batch: int = 256  # images per forward pass on one rank
     ema: bool = True  # sample the EMA weights (as EDM and the paper evaluate); False: the raw weights
+    weights: str = ""  # instead of --ckpt: released latent DiffiT weights (diffit_256.safetensors, nvidia/DiffiT)
 
 
 def generate_images(model, cfg, indices, steps=18, batch=256, log=None):
@@ -67,16 +69,23 @@ def sample(scfg, log=None):
         log = lambda *a: None  # noqa: E731  only rank 0 talks
     elif log is None:
         log = lambda *a: print(*a, flush=True)  # noqa: E731
-    if not scfg.ckpt:
-        raise ValueError("pass --ckpt=<runs/x/ckpt.pt>")
-    model, cfg, ckpt = build_from_checkpoint(scfg.ckpt, use_ema=scfg.ema, device=device)
+    if scfg.weights:  # a released checkpoint: the latent task without a training run (latent_task.py)
+        from .latent_task import released_model
+
+        model, cfg = released_model(scfg.weights, device)
+        source = f"released weights {scfg.weights}"
+    elif not scfg.ckpt:
+        raise ValueError("pass --ckpt=<runs/x/ckpt.pt> (or --weights=<released .safetensors>)")
+    else:
+        model, cfg, ckpt = build_from_checkpoint(scfg.ckpt, use_ema=scfg.ema, device=device)
+        source = f"{'EMA' if scfg.ema else 'raw'} weights of {scfg.ckpt}, step {ckpt['step']}"
     out = Path(scfg.out)
     kind = "npz" if out.suffix == ".npz" else "grid" if out.suffix == ".png" else "dir"
     mine = list(range(rank, scfg.num, world))  # strided: rank r makes images r, r + world, ...
     if kind == "dir":
         out.mkdir(parents=True, exist_ok=True)
         mine = [i for i in mine if not (out / png_name(i)).exists()]  # resume: skip what is there
-    log(f"sampling {scfg.num} images ({'EMA' if scfg.ema else 'raw'} weights of {scfg.ckpt}, step {ckpt['step']}), "
+    log(f"sampling {scfg.num} images ({source}), "
         f"{scfg.steps} steps, batch {scfg.batch} x {world} ranks -> {out}")
     if kind == "dir" and rank == 0:
         log(f"  rank 0 has {len(mine)} images to make (existing PNGs are skipped)")
@@ -106,7 +115,10 @@ def sample(scfg, log=None):
                     arr[r::world] = a  # undo the striding: image i at row i
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tmp = out.with_name(out.name + ".tmp.npz")
-                np.savez(tmp, arr_0=arr)
+                # ADM's layout: class-conditional tasks also store each image's label as arr_1
+                label_fn = getattr(get_task(cfg.task), "labels", None)
+                extra = {"arr_1": np.asarray(label_fn(model, np.arange(scfg.num), cfg))} if label_fn else {}
+                np.savez(tmp, arr_0=arr, **extra)
                 os.replace(tmp, out)
                 for p in parts:
                     p.unlink()
