@@ -14,6 +14,7 @@ commands:
   setup        create .venv (if missing) and install minidiffit with its dev extra
   test         unit tests, then every notebook under nbval in FAST mode
   cifar10      [--data_dir=DIR] [--key=value ...] CUDA: paper recipe, 50k samples, FID; no CUDA: CPU tier (--minutes=30)
+  imagenet256  DATA_DIR [--ref=ADM_REF.npz] [--key=value ...] | --weights FILE   prepare, train, sample, FID; no CUDA: FAST toy run
   help         this message
 USAGE
 }
@@ -89,6 +90,115 @@ run_cifar10() {
   fi
 }
 
+# ImageNet-256 with the latent DiffiT (DiffiT Sec. 4, App. I.2; minidiffit/latent_task.py). Stages resume
+# or are skipped when done: prepare -> $out/latents (VAE latents, both flips), train -> $out/ckpt.pt (XL/2,
+# lr 3e-4, batch 256, EMA 0.9999), sample -> $out/samples_50k.npz (50k class-balanced images, guidance,
+# 250 steps; arr_0 uint8 NHWC, arr_1 labels), FID/precision/recall vs ADM's reference batch -> one line in
+# results/imagenet256.txt. `imagenet256 --weights FILE`: sample and evaluate a released checkpoint only.
+# Options: --ref=ADM_REF.npz, --weights=FILE; other --key=value go to minidiffit.train (--iters=, --minutes=).
+# No CUDA: prints what it would run, then runs a FAST-sized version of every stage on synthetic images.
+ADM_REF_URL=https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz
+
+run_imagenet256() {
+  setup
+  local data_dir="" weights="" ref=runs/fid_refs/VIRTUAL_imagenet256_labeled.npz args=()
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --weights) weights=${2:?--weights needs a file}; shift 2 ;;
+      --weights=*) weights=${1#--weights=}; shift ;;
+      --ref) ref=${2:?--ref needs a file}; shift 2 ;;
+      --ref=*) ref=${1#--ref=}; shift ;;
+      --*=*) args+=("$1"); shift ;;
+      -*) echo "reproduce.sh imagenet256: unknown option '$1' (use --key=value)" >&2; exit 2 ;;
+      *) data_dir=$1; shift ;;
+    esac
+  done
+  local ngpu
+  ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+  if [[ "$ngpu" -gt 0 ]]; then
+    if [[ -z "$data_dir" && -z "$weights" ]]; then
+      echo "reproduce.sh imagenet256: pass DATA_DIR (ImageNet's train folder, one subfolder per class) or --weights FILE" >&2
+      exit 2
+    fi
+    imagenet256_stages run "$ngpu" "$data_dir" "$weights" "$ref" ${args[@]+"${args[@]}"}
+  else
+    echo "== no CUDA. With GPUs this command would run (N = number of GPUs):"
+    imagenet256_stages print N "${data_dir:-DATA_DIR}" "$weights" "$ref" ${args[@]+"${args[@]}"}
+    echo "== now a FAST-sized version of every stage on synthetic images (tiny model, tiny random VAE, CPU)"
+    imagenet256_fast ${args[@]+"${args[@]}"}
+  fi
+}
+
+# mode "run" executes the stages (skipping finished ones), "print" only shows the commands.
+imagenet256_stages() {
+  local mode=$1 ngpu=$2 data_dir=$3 weights=$4 ref=$5
+  shift 5
+  local out=runs/imagenet256 launch=("$PY" -m)
+  [[ "$mode" == print || "$ngpu" -gt 1 ]] && launch=("$VENV/bin/torchrun" --standalone --nproc_per_node="$ngpu" -m)
+  step() { if [[ "$mode" == print ]]; then printf ' %q' "$@"; echo; else "$@"; fi; }
+  local samples source
+  if [[ -n "$weights" ]]; then
+    out=runs/imagenet256_released
+    samples=$out/samples_50k.npz source=(--weights="$weights")
+  else
+    samples=$out/samples_50k.npz source=(--ckpt=$out/ckpt.pt)
+    if [[ "$mode" == run ]] && grep -qs '"complete": true' $out/latents/manifest.json; then
+      echo "== $out/latents: all images already encoded"
+    else
+      [[ "$mode" == run ]] && echo "== prepare: ADM center crop to 256, SD VAE (sd-vae-ft-ema) latents, both flips -> $out/latents"
+      step "${launch[@]}" minidiffit.imagenet prepare --data_dir="$data_dir" --out=$out/latents --image_size=256
+    fi
+    [[ "$mode" == run ]] && echo "== train: XL/2, lr 3e-4, batch 256, EMA 0.9999, bf16 + compile (resumes $out/ckpt.pt)"
+    step "${launch[@]}" minidiffit.train --task=latent --preset=XL/2 --data_dir=$out/latents --out=$out "$@"
+  fi
+  if [[ "$mode" == run && -f $samples && ( -n "$weights" || $samples -nt $out/ckpt.pt ) ]]; then
+    echo "== $samples exists; delete it to sample again"
+  else
+    [[ "$mode" == run ]] && echo "== sample: 50k images (image i: seed i, class i % 1000), guidance, 250 steps x 2 evaluations -> $samples"
+    [[ "$mode" == run ]] && mkdir -p $out
+    step "${launch[@]}" minidiffit.sample "${source[@]}" --num=50000 --steps=250 --batch=64 --out=$samples
+  fi
+  if [[ "$mode" == run && ! -f "$ref" ]]; then
+    echo "reproduce.sh imagenet256: ADM's reference batch $ref is missing. Download it (1.5 GB) with" >&2
+    echo "  mkdir -p $(dirname "$ref") && curl -L -o $ref $ADM_REF_URL" >&2
+    echo "or pass --ref=PATH. The samples are in $samples." >&2
+    exit 2
+  fi
+  local tag="imagenet256 ${source[*]} samples=50000 steps=250 nfe=500 (guidance doubles the batch)"
+  [[ "$mode" == run ]] && mkdir -p results && echo "== FID, precision, recall vs ADM's reference batch $ref"
+  step "$PY" -m minidiffit.fid --samples=$samples --ref="$ref" --results=results/imagenet256.txt --tag="$tag"
+  [[ "$mode" == run ]] && tail -n 1 results/imagenet256.txt
+  return 0
+}
+
+# The same stages at toy size: 40 synthetic 64 px images in 10 classes, the tiny preset, the tiny random VAE,
+# a few training steps (then a resume), 20 samples, and a "FID" from a tiny random network (NOT a real FID).
+imagenet256_fast() {
+  local out=runs/imagenet256_fast
+  export MINIDIFFIT_FAST=1
+  [[ -d $out/images ]] || "$PY" -m minidiffit.imagenet synthetic --out=$out/images --num_classes=10 --per_class=4 --size=64
+  "$PY" -m minidiffit.imagenet prepare --data_dir=$out/images --out=$out/latents --image_size=64 --vae=tiny \
+    --batch=20 --shard_size=16 --num_workers=0
+  local train=("$PY" -m minidiffit.train --task=latent --preset=tiny --data_dir=$out/latents --out=$out/run --batch=8
+    --lr=1e-3 --ckpt_every=10 --log_every=10 --grid=4 --sample_steps=10 --compile=false)
+  "${train[@]}" --iters=10 "$@"
+  echo "== resume the run for 10 more steps"
+  "${train[@]}" --iters=20 "$@"
+  echo "== sample 20 images (25 steps, guidance) -> $out/samples.npz"
+  "$PY" -m minidiffit.sample --ckpt=$out/run/ckpt.pt --num=20 --steps=25 --batch=10 --out=$out/samples.npz
+  echo "== the released-weights path: export the EMA as safetensors, sample it with --weights"
+  "$PY" -m minidiffit.latent_task export --ckpt=$out/run/ckpt.pt --out=$out/tiny.safetensors
+  MINIDIFFIT_VAE=tiny "$PY" -m minidiffit.sample --weights=$out/tiny.safetensors --num=20 --steps=25 --batch=10 \
+    --out=$out/samples_weights.npz
+  "$PY" -m minidiffit.latent_task reference --data_dir=$out/images --out=$out/ref.npz --image_size=64
+  mkdir -p results
+  for s in samples samples_weights; do
+    "$PY" -m minidiffit.fid --samples=$out/$s.npz --ref=$out/ref.npz --network=tiny-random \
+      --results=results/imagenet256_fast.txt --tag="FAST CPU pipeline check ($s), NOT a real FID"
+  done
+  echo "== FAST pipeline done: every stage ran; results/imagenet256_fast.txt (tiny random features, NOT a real FID)"
+}
+
 main() {
   local cmd=${1:-help}
   [[ $# -gt 0 ]] && shift
@@ -96,6 +206,7 @@ main() {
     setup) setup "$@" ;;
     test) run_tests "$@" ;;
     cifar10) run_cifar10 "$@" ;;
+    imagenet256) run_imagenet256 "$@" ;;
     help|-h|--help) usage ;;
     *) echo "reproduce.sh: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
   esac
