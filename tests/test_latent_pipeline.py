@@ -1,0 +1,208 @@
+"""The imagenet256 pipeline end to end at toy size: synthetic ImageFolder -> prepare (tiny VAE) -> train the
+tiny latent DiffiT a few steps -> resume -> sample an ADM-layout npz with labels -> FID (tiny random network).
+Plus: per-seed determinism, class balance, guidance plumbing, the released-weights path, clear errors."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from minidiffit import fid, latent_task
+from minidiffit.adm import GaussianDiffusion
+from minidiffit.imagenet import PrepareConfig, make_synthetic_imagefolder, prepare
+from minidiffit.latent import LATENT_PRESETS, LatentDiffiT, save_safetensors
+from minidiffit.sample import SampleConfig, sample
+from minidiffit.train import TrainConfig, build_from_checkpoint, ema_beta, get_task, load_checkpoint, train
+from minidiffit.vae import VAEConfig, load_vae
+
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors on a busy 2-core machine: one thread avoids the thread pool's hand-off cost."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """20 synthetic 64 px images in 10 classes, encoded by the tiny VAE into 4x8x8 latents (the tiny preset)."""
+    root = tmp_path_factory.mktemp("imagenet")
+    make_synthetic_imagefolder(root / "images", num_classes=10, per_class=2, size=64)
+    prepare(PrepareConfig(data_dir=str(root / "images"), out=str(root / "latents"), image_size=64, vae="tiny",
+                          batch=20, shard_size=8, num_workers=0))
+    return root
+
+
+def run_config(data, out, **kw):
+    """The latent task's defaults (as `python -m minidiffit.train --task=latent`), shrunk to the tiny preset."""
+    cfg = dataclasses.replace(TrainConfig(task="latent"), **get_task("latent").defaults)
+    small = dict(preset="tiny", data_dir=str(data / "latents"), out=str(out), batch=4, lr=1e-3, ckpt_every=2,
+                 log_every=2, grid=0, compile=False)
+    return dataclasses.replace(cfg, **{**small, **kw})
+
+
+@pytest.fixture(scope="module")
+def run(data):
+    """A 4-step run made as 2 steps + a resume for 2 more (the pipeline's train stage)."""
+    out = data / "run"
+    assert train(run_config(data, out, iters=2, grid=2, sample_steps=2), **QUIET) == 2
+    assert (out / "grid_0000002.png").is_file()  # generate ran inside the loop (VAE from the manifest)
+    assert train(run_config(data, out, iters=4, grid=2, sample_steps=2), **QUIET) == 4
+    return out
+
+
+def randomized(model, seed=0):
+    """Random (not zero-initialised) weights, so outputs depend on the labels, the guidance and the seed."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------
+# The recipe
+
+
+def test_defaults_are_the_papers_recipe():
+    d = get_task("latent").defaults
+    assert (d["preset"], d["lr"], d["batch"], d["warmup_kimg"], d["augment_p"]) == ("XL/2", 3e-4, 256, 0, 0.0)
+    # a constant EMA of 0.9999 per step at batch 256 (DiffiT App. I.2), from the loop's own formula
+    for nimg in (0, 256, 10**9):
+        assert ema_beta(nimg, 256, d["ema_halflife_kimg"], d["ema_rampup"]) == pytest.approx(0.9999, abs=1e-12)
+    assert LATENT_PRESETS[d["preset"]].class_dropout_prob == 0.1  # label dropout lives in the model
+
+
+def test_loss_is_the_hybrid_loss_at_a_uniform_t():
+    torch.manual_seed(0)
+    model = LatentDiffiT(LATENT_PRESETS["tiny"])
+    x, y = torch.randn(6, 4, 8, 8), torch.arange(6)
+    torch.manual_seed(1)
+    got = latent_task.loss(model, x, y, None)
+    torch.manual_seed(1)  # the same draws, by hand: t, then the noise, then the label dropout
+    t = torch.randint(0, 1000, (6,))
+    expected = GaussianDiffusion().training_losses(model, x, t, model_kwargs={"y": y})["loss"]
+    torch.testing.assert_close(got, expected)
+    assert got.shape == (6,) and torch.isfinite(got).all()
+
+
+# ----------------------------------------------------------------------------
+# The pipeline: prepare -> train -> resume -> sample -> evaluate
+
+
+def test_resumed_run_equals_a_straight_run(data, run):
+    straight = data / "straight"
+    train(run_config(data, straight, iters=4, ckpt_every=4), **QUIET)
+    a, b = load_checkpoint(run / "ckpt.pt"), load_checkpoint(straight / "ckpt.pt")
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=0, msg=f"{key}.{name}")
+    # the run trained: the zero-initialised output layer has moved
+    assert a["model"]["final_layer.linear.weight"].abs().max() > 0
+
+
+def test_sample_npz_in_adms_layout_then_evaluate(data, run, tmp_path):
+    npz = tmp_path / "samples.npz"
+    sample(SampleConfig(ckpt=str(run / "ckpt.pt"), num=20, out=str(npz), steps=4, batch=8), **QUIET)
+    with np.load(npz) as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.shape == (20, 64, 64, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.arange(20) % 10)  # image i has class i % num_classes
+    assert np.bincount(labels, minlength=10).tolist() == [2] * 10  # class-balanced
+    assert images.std() > 0
+
+    ref = latent_task.write_reference_batch(data / "images", tmp_path / "ref.npz", image_size=64)
+    results = tmp_path / "results.txt"
+    value = fid.evaluate(fid.EvalConfig(samples=str(npz), ref=str(ref), network="tiny-random", results=str(results),
+                                        device="cpu"))
+    assert math.isfinite(value) and value > 0
+    line = results.read_text()
+    assert "samples 20" in line and "NOT a real FID" in line and "precision" in line
+
+
+def test_image_i_depends_on_seed_i_only(run):
+    model, cfg, _ = build_from_checkpoint(run / "ckpt.pt")
+    randomized(model)
+    vae = load_vae(VAEConfig(source="tiny"))
+    a = latent_task.generate(model, torch.tensor([0, 1, 2]), cfg, num_steps=5, vae=vae)
+    b = latent_task.generate(model, torch.tensor([2, 0]), cfg, num_steps=5, vae=vae)
+    assert a.shape == (3, 3, 64, 64) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(b, a[[2, 0]], rtol=0, atol=1e-4)  # float rounding differs with the batch size
+    assert (a[0] - a[1]).abs().mean() > 10 * (b - a[[2, 0]]).abs().max()  # another seed is another image
+
+
+def test_generate_is_guided_ancestral_sampling_by_hand(run):
+    """generate == the sampler written out: per-image generators for the noise and every step, labels i % K,
+    the release's guidance (power-cosine 4.4 at this size), then the VAE decoder."""
+    model, cfg, _ = build_from_checkpoint(run / "ckpt.pt")
+    randomized(model, seed=1)
+    vae = load_vae(VAEConfig(source="tiny"))
+    seeds = torch.tensor([11, 4, 7])
+    got = latent_task.generate(model, seeds, cfg, num_steps=6, vae=vae)
+
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(4, 8, 8, generator=g) for g in gens])
+    y = seeds % 10
+    d = GaussianDiffusion.respaced("6")
+    for i in reversed(range(6)):
+        t = torch.full((3,), i)
+        t_orig = d.timestep_map[t]
+        s = 1 + 3.4 * (1 - torch.cos(math.pi * (1 - t_orig / 1000) ** 4)) / 2  # power-cosine, scale 4.4
+        cond = model(x, t_orig, y)
+        uncond = model(x, t_orig, torch.full_like(y, 10))  # row 10: the null label of the tiny preset
+        eps = torch.cat([uncond[:, :3] + s.view(-1, 1, 1, 1) * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], 1)
+        p = d.p_mean_variance(eps, x, t)
+        x = p["mean"] + (torch.exp(0.5 * p["log_variance"]) * torch.stack([torch.randn(4, 8, 8, generator=g)
+                                                                            for g in gens]) if i > 0 else 0)
+    expected = vae.decode(x).clamp(-1, 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    # the guidance reaches the samples (a constant 8 against none; the ramp above is mild at 6 steps)
+    unguided = latent_task.generate(model, seeds, cfg, num_steps=6, guidance=1.0, vae=vae)
+    strong = latent_task.generate(model, seeds, cfg, num_steps=6, guidance=8.0, vae=vae)
+    assert (unguided - strong).abs().max() > 1e-2
+
+
+def test_released_weights_path_matches_the_model(run, tmp_path, monkeypatch):
+    """sample.py --weights=FILE on a file in the release's layout (here: our tiny run exported) gives exactly
+    the images of that model, with labels; the export CLI writes such a file from a training checkpoint."""
+    monkeypatch.setenv("MINIDIFFIT_VAE", "tiny")
+    weights = tmp_path / "tiny.safetensors"
+    assert latent_task.main(["export", f"--ckpt={run / 'ckpt.pt'}", f"--out={weights}"]) == 0
+    npz = tmp_path / "released.npz"
+    sample(SampleConfig(weights=str(weights), num=6, out=str(npz), steps=3, batch=6), **QUIET)
+    model, cfg, _ = build_from_checkpoint(run / "ckpt.pt")  # the EMA weights, which export wrote
+    expected = latent_task.generate(model, torch.arange(6), cfg, num_steps=3, vae=load_vae(VAEConfig(source="tiny")))
+    with np.load(npz) as z:
+        assert np.abs(z["arr_0"].astype(int) - fid.as_uint8_nchw(expected).permute(0, 2, 3, 1).numpy()).max() <= 1
+        np.testing.assert_array_equal(z["arr_1"], np.arange(6) % 10)
+
+    other = randomized(LatentDiffiT(LATENT_PRESETS["tiny"]))  # save_safetensors -> released_model round trip
+    save_safetensors(other, tmp_path / "other.safetensors")
+    loaded, rcfg = latent_task.released_model(tmp_path / "other.safetensors")
+    assert rcfg.task == "latent" and loaded.cfg == other.cfg
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 10])
+    torch.testing.assert_close(loaded(x, t, y), other(x, t, y), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------
+# Clear errors
+
+
+def test_clear_errors(data, tmp_path):
+    with pytest.raises(ValueError, match="--image_size=256"):  # 8x8 latents for a 32x32-latent preset
+        latent_task.load_data(run_config(data, tmp_path, preset="S/2"))
+    with pytest.raises(ValueError, match="minidiffit.imagenet prepare"):
+        latent_task.load_data(run_config(data, tmp_path, data_dir=None))
+    with pytest.raises(ValueError, match="augment"):
+        latent_task.build_model(run_config(data, tmp_path, augment_p=0.12))
+    with pytest.raises(ValueError, match="unknown preset"):
+        latent_task.build_model(run_config(data, tmp_path, preset="cifar10"))
+    with pytest.raises(FileNotFoundError, match="huggingface.co/nvidia/DiffiT"):
+        latent_task.released_model(tmp_path / "diffit_256.safetensors")
