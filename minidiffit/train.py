@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import importlib
 import json
 import math
 import os
