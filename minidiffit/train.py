@@ -240,6 +240,8 @@ def get_batch(data, indices):
 
 
 def rng_states():
+    # Saved and restored for completeness; exactness does not depend on them, because the loop reseeds
+    # torch per micro-batch and the data order is a function of (seed, epoch).
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -367,6 +369,8 @@ def train(cfg, log=None):
         step, elapsed = ckpt["step"], ckpt["elapsed_s"]
         set_rng_states(ckpt["rng"])
         log(f"resumed {ckpt_path} at step {step} ({step * cfg.batch / 1000:.1f} kimg, {_fmt_time(elapsed)} trained)")
+    # Choice: --minutes is a budget for the whole run, summed over resumes (saved as elapsed_s), so a killed
+    # 30-minute run that is restarted trains for what is left, and rerunning a finished one does nothing.
     budget = cfg.minutes * 60 if cfg.minutes > 0 else math.inf
 
     def finished():
@@ -396,7 +400,7 @@ def train(cfg, log=None):
     t_start = time.time() - elapsed  # so that time.time() - t_start is the training time summed over resumes
     t_log, step_log, loss_sum, loss_n, ckpt_loss, ckpt_n = time.time(), step, 0.0, 0, 0.0, 0
     while not finished():
-        cur_nimg = step * cfg.batch
+        cur_nimg = step * cfg.batch  # images seen before this step: EDM sets lr and EMA from it (lr = 0 at step 0)
         lr = learning_rate(cfg, cur_nimg)
         for g in optimizer.param_groups:
             g["lr"] = lr
