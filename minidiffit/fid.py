@@ -143,11 +143,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
                          f"{sigma2.shape}; were both computed with the same feature network?")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals")
-        offset = np.eye(len(mu1)) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    with warnings.catch_warnings():  # with N < D samples the product is singular by construction; the
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # guards below handle it (pytorch-fid: disp=False)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals")
+            offset = np.eye(len(mu1)) * eps
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"FID: sqrtm has a large imaginary component {np.abs(covmean.imag).max():.3g}")

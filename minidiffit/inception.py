@@ -8,6 +8,7 @@ EDM/StyleGAN (its parameters mapped by name onto ours; tests/test_fid.py holds t
 """
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -226,7 +227,10 @@ def load_inception(path=None, device="cpu"):
         raise FileNotFoundError(f"FID network file {path} does not exist; unset {ENV_VAR} to download "
                                 f"{PYTORCH_FID_URL}, or give the path to that file")
     elif _is_torchscript(path):
-        state = state_dict_from_torchscript(torch.jit.load(path, map_location="cpu"))
+        with warnings.catch_warnings():  # torch >= 2.9 deprecates jit.load; the file is TorchScript all the same
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(path, map_location="cpu")
+        state = state_dict_from_torchscript(scripted)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the ImageNet classifier: unused
