@@ -207,6 +207,7 @@ def test_offline_download_error_names_url_and_path_option(monkeypatch):
         inception.load_inception("/no/such/inception.pt")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_eager_inception_matches_torchscript():
     path = os.environ.get("MINIDIFFIT_INCEPTION")
     if not path or not inception._is_torchscript(path):
