@@ -35,9 +35,9 @@ UNET_PRESETS = {
     # CPU tier (reproduce.sh without CUDA): trains in ~30 min on 2 cores to blurry but recognisable blobs.
     "small": UNetConfig(channels=(64, 128, 128), num_blocks=(1, 1, 1), temb_dim=256, dropout=0.0),
     # DiffiT App. I.1: 3 stages at 32/16/8, 128/256/256 channels, 2 ResBlocks each, window 4, time dim 512;
-    # dropout 0.13 as EDM's CIFAR-10 recipe, which DiffiT says it follows.
+    # Choice: dropout 0.13 from EDM's CIFAR-10 recipe, which DiffiT says it follows (the paper gives no rate).
     "cifar10": UNetConfig(),
-    # DiffiT App. I.1: 4 stages at 64/32/16/8, blocks 1-2-2-2, window 8; dropout 0.05 as EDM's FFHQ-64.
+    # DiffiT App. I.1: 4 stages at 64/32/16/8, blocks 1-2-2-2, window 8.  # Choice: dropout 0.05 as EDM's FFHQ-64.
     # (App. H.1 says 4 ResBlocks per stage instead: UNetConfig(..., num_blocks=(4, 4, 4, 4)).)
     "ffhq64": UNetConfig(img_resolution=64, channels=(128, 256, 256, 256), num_blocks=(1, 2, 2, 2),
                          window_size=8, dropout=0.05),
