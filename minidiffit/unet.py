@@ -32,7 +32,7 @@ class UNetConfig:
 UNET_PRESETS = {
     # Tests and FAST mode: two stages, a single narrow block each; forward+backward on 8 images in ~0.1 s.
     "tiny": UNetConfig(channels=(32, 64), num_blocks=(1, 1), head_dim=16, temb_dim=64, dropout=0.0),
-    # CPU tier (reproduce.sh without CUDA): trains in ~30 min on 2 cores to blurry but recognisable blobs.
+    # CPU tier (reproduce.sh without CUDA): sized for a ~30 min run on 2 cores (~2.7M parameters).
     "small": UNetConfig(channels=(64, 128, 128), num_blocks=(1, 1, 1), temb_dim=256, dropout=0.0),
     # DiffiT App. I.1: 3 stages at 32/16/8, 128/256/256 channels, 2 ResBlocks each, window 4, time dim 512;
     # Choice: dropout 0.13 from EDM's CIFAR-10 recipe, which DiffiT says it follows (the paper gives no rate).
