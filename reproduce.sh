@@ -191,12 +191,11 @@ imagenet256_fast() {
   MINIDIFFIT_VAE=tiny "$PY" -m minidiffit.sample --weights=$out/tiny.safetensors --num=20 --steps=25 --batch=10 \
     --out=$out/samples_weights.npz
   "$PY" -m minidiffit.latent_task reference --data_dir=$out/images --out=$out/ref.npz --image_size=64
-  mkdir -p results
   for s in samples samples_weights; do
     "$PY" -m minidiffit.fid --samples=$out/$s.npz --ref=$out/ref.npz --network=tiny-random \
-      --results=results/imagenet256_fast.txt --tag="FAST CPU pipeline check ($s), NOT a real FID"
+      --results=$out/results.txt --tag="FAST CPU pipeline check ($s), NOT a real FID"
   done
-  echo "== FAST pipeline done: every stage ran; results/imagenet256_fast.txt (tiny random features, NOT a real FID)"
+  echo "== FAST pipeline done: every stage ran; $out/results.txt (tiny random features, NOT a real FID)"
 }
 
 main() {
