@@ -180,7 +180,7 @@ imagenet256_fast() {
   "$PY" -m minidiffit.imagenet prepare --data_dir=$out/images --out=$out/latents --image_size=64 --vae=tiny \
     --batch=20 --shard_size=16 --num_workers=0
   local train=("$PY" -m minidiffit.train --task=latent --preset=tiny --data_dir=$out/latents --out=$out/run --batch=8
-    --lr=1e-3 --ckpt_every=10 --log_every=10 --grid=4 --sample_steps=10 --compile=false)
+    --lr=1e-3 --ema_halflife_kimg=0.05 --ckpt_every=10 --log_every=10 --grid=4 --sample_steps=10 --compile=false)
   "${train[@]}" --iters=10 "$@"
   echo "== resume the run for 10 more steps"
   "${train[@]}" --iters=20 "$@"
