@@ -13,7 +13,6 @@ import contextlib
 import copy
 import dataclasses
 import importlib
-import importlib
 import json
 import math
 import os
