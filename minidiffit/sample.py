@@ -89,15 +89,18 @@ def sample(scfg, log=None):
         f"{scfg.steps} steps, batch {scfg.batch} x {world} ranks -> {out}")
     if kind == "dir" and rank == 0:
         log(f"  rank 0 has {len(mine)} images to make (existing PNGs are skipped)")
-    if kind == "dir":
-        for start in range(0, len(mine), scfg.batch):
-            idx = mine[start:start + scfg.batch]
-            x = to_uint8(generate_images(model, cfg, idx, scfg.steps, scfg.batch)).permute(0, 2, 3, 1).numpy()
-            for i, arr in zip(idx, x):
+    chunks = []  # npz / grid: uint8 batches, so 50k ImageNet images stay ~10 GB rather than ~40 GB of floats
+    for start in range(0, len(mine), scfg.batch):
+        idx = mine[start:start + scfg.batch]
+        x = to_uint8(generate_images(model, cfg, idx, scfg.steps, scfg.batch))  # (b, C, H, W) uint8
+        if kind == "dir":
+            for i, arr in zip(idx, x.permute(0, 2, 3, 1).numpy()):
                 _save_png(arr, out / png_name(i))
-            log(f"  {start + len(idx)}/{len(mine)} images on rank 0")
-    else:
-        x = to_uint8(generate_images(model, cfg, mine, scfg.steps, scfg.batch, log=log))  # (n, C, H, W)
+        else:
+            chunks.append(x)
+        log(f"  {start + len(idx)}/{len(mine)} images on rank 0")
+    if kind != "dir":
+        x = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)  # (n, C, H, W)
         if kind == "grid":
             if world > 1:
                 raise ValueError("a .png grid is a single-process output; run without torchrun or use a directory/.npz")

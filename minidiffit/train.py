@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import parse_overrides
-from .data import load_dataset, to_uint8
+from .data import to_uint8
 
 
 @dataclass
@@ -97,60 +97,8 @@ def seeded_noise(seeds, shape, device="cpu"):
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
 
 
-def _unet_config(cfg):
-    from .unet import UNET_PRESETS
-
-    if cfg.preset not in UNET_PRESETS:
-        raise ValueError(f"unknown preset {cfg.preset!r} for task 'edm'; choose one of {sorted(UNET_PRESETS)}")
-    ucfg = UNET_PRESETS[cfg.preset]
-    return ucfg if cfg.dropout is None else dataclasses.replace(ucfg, dropout=cfg.dropout)
-
-
-def edm_build_model(cfg):
-    from .diffusion import EDMPrecond
-    from .unet import DiffiTUNet
-
-    ucfg = _unet_config(cfg)
-    if cfg.augment_p > 0 and ucfg.augment_dim == 0:
-        raise ValueError(f"--augment_p={cfg.augment_p} needs a preset with augment_dim > 0 (non-leaky augmentation feeds its labels to the net); pass --augment_p=0")
-    return EDMPrecond(DiffiTUNet(ucfg))
-
-
-def edm_task_loss(model, images, labels, cfg):
-    """EDM loss (EDM Eq. 2 with its log-normal sigma) on augmented images; class labels are unused."""
-    from .diffusion import augment, edm_loss
-
-    augment_labels = None
-    if cfg.augment_p > 0:
-        images, augment_labels = augment(images, p=cfg.augment_p)  # (B, C, H, W), (B, 9)
-    return edm_loss(model, images, augment_labels)  # (B,)
-
-
-@torch.no_grad()
-def edm_generate(model, seeds, cfg, num_steps=18):
-    """Deterministic Heun sampling (EDM Algorithm 1): 2 * num_steps - 1 network evaluations."""
-    from .diffusion import heun_sample
-
-    ucfg = _unet_config(cfg)
-    device = next(model.parameters()).device
-    noise = seeded_noise(seeds, (ucfg.in_channels, ucfg.img_resolution, ucfg.img_resolution), device)
-    return heun_sample(model, noise, num_steps=num_steps).clamp(-1, 1)
-
-
-def edm_load_data(cfg):
-    ucfg = _unet_config(cfg)
-    kwargs = {"num": cfg.num_data, "resolution": ucfg.img_resolution} if cfg.data == "synthetic" else {}
-    data = load_dataset(cfg.data, cfg.data_dir, **kwargs)
-    shape = tuple(data.images.shape[1:])
-    if shape != (ucfg.in_channels, ucfg.img_resolution, ucfg.img_resolution):
-        raise ValueError(f"dataset images are {shape} but preset {cfg.preset!r} expects {(ucfg.in_channels, ucfg.img_resolution, ucfg.img_resolution)}; choose a matching preset or dataset")
-    return data
-
-
-EDM_TASK = Task(build_model=edm_build_model, loss=edm_task_loss, generate=edm_generate, load_data=edm_load_data)
-
 TASKS = {
-    "edm": lambda: EDM_TASK,  # image-space DiffiT with EDM (CIFAR-10, FFHQ-64)
+    "edm": lambda: importlib.import_module(f"{__package__}.edm_task").TASK,  # image-space DiffiT, EDM (CIFAR-10, FFHQ-64)
     "latent": lambda: importlib.import_module(f"{__package__}.latent_task").TASK,  # latent DiffiT, ImageNet (ADM diffusion)
 }
 
@@ -166,7 +114,9 @@ def get_task(name):
 
 
 def learning_rate(cfg, cur_nimg):
-    """lr * min(images seen / warm-up images, 1) (EDM: 10 Mimg warm-up)."""
+    """lr * min(images seen / warm-up images, 1) (EDM: 10 Mimg warm-up); no warm-up when warmup_kimg <= 0."""
+    if cfg.warmup_kimg <= 0:
+        return cfg.lr
     return cfg.lr * min(cur_nimg / max(cfg.warmup_kimg * 1000, 1e-8), 1)
 
 

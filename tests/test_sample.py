@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from minidiffit.sample import SampleConfig, generate_images, main, sample
-from minidiffit.train import TrainConfig, build_from_checkpoint, edm_build_model, save_checkpoint, seeded_noise
+from minidiffit.edm_task import edm_build_model
+from minidiffit.train import TrainConfig, build_from_checkpoint, save_checkpoint, seeded_noise
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minidiffit import edm_task
 from minidiffit import train as T
 from minidiffit.data import synthetic_dataset
 from minidiffit.diffusion import EDMPrecond
@@ -36,7 +37,7 @@ class ToyNet(nn.Module):
         return self.conv2(self.drop(F.silu(self.conv1(x) + e[:, :, None, None])))
 
 
-TOY = T.Task(build_model=lambda cfg: EDMPrecond(ToyNet()), loss=T.edm_task_loss,
+TOY = T.Task(build_model=lambda cfg: EDMPrecond(ToyNet()), loss=edm_task.edm_task_loss,
              generate=lambda model, seeds, cfg, steps: T.seeded_noise(seeds, (3, 8, 8)).clamp(-1, 1),
              load_data=lambda cfg: synthetic_dataset(cfg.num_data, resolution=8))
 T.TASKS["toy"] = lambda: TOY
@@ -94,6 +95,8 @@ def test_ema_beta_and_lr_formulas():
     cfg = TrainConfig()
     assert learning_rate(cfg, 0) == 0 and learning_rate(cfg, 5_000_000) == pytest.approx(5e-4)
     assert learning_rate(cfg, 20_000_000) == pytest.approx(1e-3)
+    no_warmup = dataclasses.replace(cfg, warmup_kimg=0)  # DiT recipe: the full lr from the first step
+    assert learning_rate(no_warmup, 0) == no_warmup.lr
     ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     old = [p.detach().clone() for p in ema.parameters()]
     ema_update(ema, model, 0.9)
