@@ -217,7 +217,8 @@ def released_model(path, device="cpu"):
                                 "https://huggingface.co/nvidia/DiffiT and pass its path")
     model = load_released(path, device=device).requires_grad_(False)
     # preset is a label here: generate reads the architecture off the model, the VAE from vae_source.
-    return model, TrainConfig(task="latent", preset="released", data=str(path), data_dir=None, augment_p=0.0, grid=0)
+    return model, TrainConfig(task="latent", preset="released", data=str(path), data_dir=None, augment_p=0.0, grid=0,
+                              sample_steps=DEFAULTS["sample_steps"])
 
 
 def export(ckpt, out, use_ema=True):
