@@ -1,10 +1,12 @@
 """Command-line overrides for the dataclass configs: `--key=value`, type-checked, unknown keys rejected.
 
 Every runnable module (`python -m minidiffit.train`, `.sample`, `.fid`) describes its settings as one
-`@dataclass`; this is the one place that turns `--key=value` strings into `dataclasses.replace` calls.
+`@dataclass`; this is the one place that turns `--key=value` strings into `dataclasses.replace` calls,
+and `run_command` is the shell those entry points share (help, errors, exit codes).
 """
 
 import dataclasses
+import sys
 import types
 import typing
 
@@ -52,3 +54,24 @@ def parse_overrides(cfg, args):
             raise ValueError(f"unknown config key {key!r} for {type(cfg).__name__}; valid keys: {', '.join(names)}")
         changes[key] = _convert(key, text, hints.get(key, type(getattr(cfg, key))), getattr(cfg, key))
     return dataclasses.replace(cfg, **changes)
+
+
+def run_command(prog, doc, config_cls, body, argv):
+    """Run `body(argv)` as the entry point `prog`: --help prints `doc` and the keys of `config_cls`; a bad
+    setting or a missing file is printed as `prog: error: ...` with exit code 2 (no traceback); a process
+    group that torchrun started is closed on the way out."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc)
+        for f in dataclasses.fields(config_cls):
+            print(f"  --{f.name}={f.default!r}")
+        return None
+    try:
+        return body(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

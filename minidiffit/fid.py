@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import os
 import sys
 import warnings
 from pathlib import Path

@@ -9,7 +9,6 @@ uint8 N x H x W x C, the layout FID tools read) or a .png (one grid). Ranks take
 The sampler is the training task's (EDM Heun, EDM Algorithm 1, for "edm"). Notebook 05 uses it.
 """
 
-import dataclasses
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import parse_overrides
+from .config import parse_overrides, run_command
 from .data import to_uint8
 from .train import _distributed, build_from_checkpoint, get_task, save_grid
 
@@ -142,19 +141,7 @@ def _save_png(arr, path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        for f in dataclasses.fields(SampleConfig):
-            print(f"  --{f.name}={f.default!r}")
-        return
-    try:
-        sample(parse_overrides(SampleConfig(), argv))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"minidiffit.sample: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_command("minidiffit.sample", __doc__, SampleConfig, lambda a: sample(parse_overrides(SampleConfig(), a)), argv)
 
 
 if __name__ == "__main__":

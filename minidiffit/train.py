@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import parse_overrides
+from .config import parse_overrides, run_command
 from .data import to_uint8
 
 
@@ -418,23 +418,15 @@ def train(cfg, log=None):
     return step
 
 
+def config_from_args(argv):
+    """TrainConfig from `--key=value` arguments: the task's own defaults first, then the command line."""
+    task = parse_overrides(TrainConfig(), [a for a in argv if a.startswith("--task=")]).task
+    return parse_overrides(dataclasses.replace(TrainConfig(task=task), **get_task(task).defaults), argv)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        for f in dataclasses.fields(TrainConfig):
-            print(f"  --{f.name}={f.default!r}")
-        return
-    try:
-        task = parse_overrides(TrainConfig(), [a for a in argv if a.startswith("--task=")]).task
-        base = dataclasses.replace(TrainConfig(task=task), **get_task(task).defaults)  # then the command line
-        train(parse_overrides(base, argv))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"minidiffit.train: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_command("minidiffit.train", __doc__, TrainConfig, lambda a: train(config_from_args(a)), argv)
 
 
 if __name__ == "__main__":

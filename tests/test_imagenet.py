@@ -14,14 +14,7 @@ from minidiffit.vae import LatentVAE, tiny_autoencoder
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny VAE's convolutions take milliseconds; with several threads on a busy shared CPU each call
-    # waits on thread synchronisation instead (~1 s). Restored afterwards for the other test files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------

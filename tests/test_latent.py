@@ -14,14 +14,7 @@ from minidiffit.latent import (
 from minidiffit.tmsa import timestep_embedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a busy 2-core machine the intra-op thread pool's hand-offs cost far more
-    than the arithmetic (about 30 ms per op, measured), so run single-threaded and restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def meta_model(name, **overrides):

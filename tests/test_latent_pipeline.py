@@ -20,13 +20,7 @@ from minidiffit.vae import VAEConfig, load_vae
 QUIET = dict(log=lambda *a: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a busy 2-core machine: one thread avoids the thread pool's hand-off cost."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

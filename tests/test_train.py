@@ -177,7 +177,6 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     # one process accumulating the same two micro-batches of 4 = two ranks with 4 each
     T.train(toy_cfg(tmp_path / "one", iters=3, warmup_kimg=0.008, accum=2), log=quiet)
     a, b = load_checkpoint(tmp_path / "ddp" / "ckpt.pt"), load_checkpoint(tmp_path / "one" / "ckpt.pt")
-    moved = 0
     for name, w in a["model"].items():
         torch.testing.assert_close(w, b["model"][name], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a["ema"][name], b["ema"][name], rtol=1e-5, atol=1e-6)
