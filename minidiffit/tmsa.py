@@ -80,6 +80,8 @@ class DiffiTBlock(nn.Module):
     def __init__(self, dim, num_heads, window_size, mlp_ratio=4.0, temb_dim=None, fused=True):
         super().__init__()
         self.window_size = window_size
+        # Choice: the image-space U-Net uses the same affine-free LayerNorm; the paper does not say, the
+        # latent release has it (its state dict holds no norm weights).
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = TMSA(dim, num_heads, window_size, temb_dim, fused)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
