@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .config import parse_overrides, run_command
 from .data import to_uint8
-from .train import _distributed, build_from_checkpoint, get_task, save_grid
+from .train import build_from_checkpoint, get_task, init_process, save_grid
 
 
 @dataclass
@@ -54,20 +54,7 @@ def png_name(i):
 
 
 def sample(scfg, log=None):
-    rank, world, local_rank = _distributed()
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if world > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if rank != 0:
-        log = lambda *a: None  # noqa: E731  only rank 0 talks
-    elif log is None:
-        log = lambda *a: print(*a, flush=True)  # noqa: E731
+    rank, world, device, log = init_process(log)
     if scfg.weights:  # a released checkpoint: the latent task without a training run (latent_task.py)
         from .latent_task import released_model
 

@@ -268,9 +268,28 @@ def save_grid(images, path, nrow=None):
 # The loop
 
 
-def _distributed():
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+def init_process(log=None):
+    """(rank, world size, device, log) of this process, for train and sample alike.
+
+    Reads torchrun's environment ((0, 1) without it), joins the process group when there are several
+    ranks (NCCL on CUDA, gloo on the CPU) and turns on TF32 on CUDA. `log` becomes a no-op on ranks > 0
+    (only rank 0 talks) and `print` when None.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:  # Choice: TF32 matmuls/convs; DESIGN.md Sec. 6 speed settings, CUDA only
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if rank != 0:
+        log = lambda *a: None  # noqa: E731
+    elif log is None:
+        log = lambda *a: print(*a, flush=True)  # noqa: E731
+    return rank, world, device, log
 
 
 def _fmt_time(s):
@@ -281,23 +300,11 @@ def _fmt_time(s):
 def train(cfg, log=None):
     """Train (or resume) the run in cfg.out until cfg.iters steps or cfg.minutes; returns the final step."""
     task = get_task(cfg.task)
-    rank, world, local_rank = _distributed()
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if world > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world, device, log = init_process(log)
+    cuda = device.type == "cuda"
     if cfg.batch % (world * cfg.accum):
         raise ValueError(f"--batch={cfg.batch} must divide into {world} ranks x {cfg.accum} accumulation rounds")
     micro = cfg.batch // (world * cfg.accum)  # images per forward pass on one rank
-    if cuda:  # Choice: TF32 matmuls/convs; DESIGN.md Sec. 6 speed settings, CUDA only
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if rank != 0:
-        log = lambda *a: None  # noqa: E731  only rank 0 talks
-    elif log is None:
-        log = lambda *a: print(*a, flush=True)  # noqa: E731
 
     out = Path(cfg.out)
     ckpt_path = out / "ckpt.pt"
@@ -340,7 +347,7 @@ def train(cfg, log=None):
 
     train_model = model
     if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     if cfg.compile and cuda:
         train_model = torch.compile(train_model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.bf16 and cuda) else contextlib.nullcontext()
