@@ -58,10 +58,6 @@ run_cifar10() {
     "${launch[@]}" minidiffit.train --preset=cifar10 --data=cifar10 --out=$out --iters=200000 --batch=512 "$@"
     echo "== 50k samples, 18 Heun steps (35 network evaluations), EMA weights -> $out/samples"
     "${launch[@]}" minidiffit.sample --ckpt=$out/ckpt.pt --num=50000 --steps=18 --batch=500 --out=$out/samples
-    if [[ ! -f minidiffit/fid.py ]]; then
-      echo "== FID lands with the FID issue; stopping after sampling ($out/samples)"
-      return
-    fi
     local ref=runs/fid_refs/cifar10_train.npz tag="cifar10 ckpt=$out/ckpt.pt samples=50000 nfe=35"
     if [[ ! -f $ref ]]; then
       mkdir -p "$(dirname $ref)"
