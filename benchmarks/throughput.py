@@ -53,6 +53,8 @@ def timed(fn, n):
 
 
 def train_row(task, cfg, make_batch, batch, fast):
+    if cuda:
+        torch.cuda.empty_cache()  # the previous row's model is gone: start from a clean allocator
     torch.manual_seed(0)
     model = task.build_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=cuda)
@@ -71,10 +73,7 @@ def train_row(task, cfg, make_batch, batch, fast):
         torch.cuda.reset_peak_memory_stats()
     sec = timed(step, steps)
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    del model, opt, run
-    if cuda:
-        torch.cuda.empty_cache()
-    return batch / sec, mem
+    return batch / sec, mem  # the model and optimizer go with this frame, before the next row
 
 
 def sample_row(cfg, batch):
