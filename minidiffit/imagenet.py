@@ -23,6 +23,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from .config import parse_overrides
+from .data import to_float
 from .vae import SD_VAE_SCALE, LatentVAE, VAEConfig, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # compared lower-cased, so ImageNet's .JPEG counts
@@ -93,7 +94,7 @@ class ImageFolder(torch.utils.data.Dataset):
         with Image.open(self.paths[i]) as image:
             pixels = torch.from_numpy(center_crop(image, self.image_size).copy()).permute(2, 0, 1)  # (3, H, W) uint8
         if self.output == "float":
-            pixels = pixels.float() / 127.5 - 1
+            pixels = to_float(pixels)  # (3, H, W) float32 in [-1, 1]
         return pixels, int(self.labels[i])
 
 
@@ -255,7 +256,7 @@ def _encode_shards(cfg, plan, todo, dataset, encode, device, out, rank):
                                          pin_memory=device.type == "cuda")
     parts = []
     for (s, indices), (x, y) in zip(batches, loader):
-        x = x.to(device, non_blocking=True).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+        x = to_float(x.to(device, non_blocking=True))  # (B, 3, H, W) in [-1, 1]
         # Choice: store one posterior sample, as fast-DiT's feature extraction does (DiT, encoding on the
         # fly, drew a fresh one each step), seeded from the batch's first index so that a resumed or
         # multi-GPU run writes the same numbers. The SD VAE's posterior is narrow next to the spread of its
