@@ -315,16 +315,14 @@ def load_released(path, model=None, device="cpu"):
     except ImportError:
         raise ImportError("loading released weights needs safetensors: pip install minidiffit[latent]") from None
     state_dict = load_file(str(path), device=str(device))
-    if model is None:
+    assign = model is None
+    if assign:
         # Built on the meta device and filled by assignment: no time spent initialising 561M weights that the
         # file replaces, and no second copy in memory.
         with torch.device("meta"):
             model = LatentDiffiT(config_from_state_dict(state_dict))
-        check_state_dict(model, state_dict)
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        return model.eval()
     check_state_dict(model, state_dict)
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
     return model.eval()
 
 
