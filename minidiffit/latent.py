@@ -167,9 +167,10 @@ class LatentDiffiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for block in self.blocks:  # Swin's init of the bias table; the index is a constant of the grid
+        index = relative_position_index(self.grid_size)  # a constant of the grid, the same in every block
+        for block in self.blocks:  # Swin's init of the bias table
             nn.init.trunc_normal_(block.attn.relative_position_bias_table, std=0.02)
-            block.attn.relative_position_index.copy_(relative_position_index(self.grid_size))
+            block.attn.relative_position_index.copy_(index)
         self.pos_embed.copy_(sincos_pos_embed(self.cfg.dim, self.grid_size)[None])
         # The patch conv initialised as the Linear it is: xavier over (D, C*p*p).
         w = self.x_embedder.proj.weight
