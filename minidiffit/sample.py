@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .config import parse_overrides, run_command
-from .data import to_uint8
+from .data import to_float, to_uint8
 from .train import build_from_checkpoint, get_task, init_process, save_grid
 
 
@@ -91,7 +91,7 @@ def sample(scfg, log=None):
         if kind == "grid":
             if world > 1:
                 raise ValueError("a .png grid is a single-process output; run without torchrun or use a directory/.npz")
-            save_grid(x.float() / 127.5 - 1, out)
+            save_grid(to_float(x), out)
         else:
             part = out.with_name(f"{out.name}.part{rank}of{world}.npy")
             np.save(part, x.permute(0, 2, 3, 1).numpy())  # (n, H, W, C)
