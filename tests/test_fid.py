@@ -102,6 +102,7 @@ def test_streamed_statistics_equal_whole_set():
     np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-9, atol=1e-12)
     mu_whole, sigma_whole = fid.feature_statistics(feats)
+    np.testing.assert_allclose(mu, mu_whole, rtol=1e-12)
     np.testing.assert_allclose(sigma, sigma_whole, rtol=1e-9, atol=1e-12)
 
 
