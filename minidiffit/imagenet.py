@@ -316,7 +316,8 @@ class LatentShardDataset(torch.utils.data.Dataset):
 
     def _shard(self, s):
         if s not in self._shards:
-            info, path = self.manifest["shards"][s], self.root / self.manifest["shards"][s]["file"]
+            info = self.manifest["shards"][s]
+            path = self.root / info["file"]
             try:
                 record = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
                 latents, labels = record["latents"], record["labels"]
