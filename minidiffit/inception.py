@@ -173,7 +173,7 @@ def state_dict_from_torchscript(scripted):
     Each TorchScript conv layer holds `weight`, and batch-norm `beta`, `mean`, `var` with no scale (the TF
     graph's BN has gamma = 1); it runs conv2d -> batch_norm(eps=1e-3) -> relu, as torchvision's BasicConv2d.
     """
-    params = {n: t for n, t in scripted.named_parameters()} | {n: t for n, t in scripted.named_buffers()}
+    params = dict(scripted.named_parameters()) | dict(scripted.named_buffers())
     prefix = "net.layers."  # where the layers sit inside the scripted wrapper
     out = {}
     for ts, ours in _torchscript_name_map().items():
