@@ -53,6 +53,11 @@ def png_name(i):
     return f"{i:05d}.png"
 
 
+def _part_path(out, rank, world):
+    """Where rank `rank` of `world` leaves its images for rank 0 to merge into the .npz `out`."""
+    return out.with_name(f"{out.name}.part{rank}of{world}.npy")
+
+
 def sample(scfg, log=None):
     rank, world, device, log = init_process(log)
     if scfg.weights:  # a released checkpoint: the latent task without a training run (latent_task.py)
@@ -93,12 +98,12 @@ def sample(scfg, log=None):
                 raise ValueError("a .png grid is a single-process output; run without torchrun or use a directory/.npz")
             save_grid(to_float(x), out)
         else:
-            part = out.with_name(f"{out.name}.part{rank}of{world}.npy")
+            part = _part_path(out, rank, world)
             np.save(part, x.permute(0, 2, 3, 1).numpy())  # (n, H, W, C)
             if world > 1:
                 dist.barrier()
             if rank == 0:
-                parts = [out.with_name(f"{out.name}.part{r}of{world}.npy") for r in range(world)]
+                parts = [_part_path(out, r, world) for r in range(world)]
                 arrays = [np.load(p) for p in parts]
                 arr = np.empty((scfg.num,) + arrays[0].shape[1:], dtype=np.uint8)
                 for r, a in enumerate(arrays):
