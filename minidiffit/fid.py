@@ -243,26 +243,25 @@ def image_batches(path, batch_size=100, num=0):
         with np.load(path, allow_pickle=False) as z:
             if "arr_0" not in z.files:
                 raise ValueError(f"{path} has keys {z.files}; expected samples as `arr_0` uint8 (N, H, W, 3)")
-            images = z["arr_0"]
-        total = len(images)
-        load = lambda i: images[i : i + batch_size]  # noqa: E731
+            items = z["arr_0"]
+        load = lambda chunk: chunk  # noqa: E731
     elif path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-        total = len(files)
+        items = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
 
-        def load(i):
+        def load(chunk):
             from PIL import Image
 
-            return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[i : i + batch_size]])
+            return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in chunk])
     else:
         raise FileNotFoundError(f"samples {path} is neither a folder of images nor an .npz file; "
                                 f"make samples with `python -m minidiffit.sample --ckpt=... --out={path}`")
-    if num > total:
-        raise ValueError(f"asked for --num={num} but {path} holds only {total} images")
-    n = num or total
+    if num > len(items):
+        raise ValueError(f"asked for --num={num} but {path} holds only {len(items)} images")
+    n = num or len(items)
     if n == 0:
         raise ValueError(f"no images found in {path}")
-    gen = (load(i)[: n - i] for i in range(0, n, batch_size))
+    items = items[:n]  # so the last batch reads no file beyond the first n
+    gen = (load(items[i : i + batch_size]) for i in range(0, n, batch_size))
     return gen, n
 
 
