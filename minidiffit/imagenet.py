@@ -163,8 +163,12 @@ def _plan(cfg, dataset, scale_factor):
 def _write_atomic(path, write):
     """Write via a temporary file and os.replace: a killed run leaves the old file or none, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # a failed write leaves no temporary file behind
+            os.remove(tmp)
 
 
 def _write_manifest(out, plan, complete):
@@ -181,10 +185,14 @@ def read_manifest(out):
     try:
         manifest = json.loads(path.read_text())
         shards = manifest["shards"]
-        assert manifest["format"] == FORMAT, f"format {manifest['format']!r}, expected {FORMAT!r}"
-        assert sum(s["count"] for s in shards) == manifest["num_images"], "shard counts do not add up to num_images"
-        assert len(manifest["classes"]) == manifest["num_classes"], "num_classes differs from the class list"
-    except (ValueError, KeyError, TypeError, AssertionError) as error:
+        # Real checks, not asserts: `python -O` must not let a foreign manifest through.
+        if manifest["format"] != FORMAT:
+            raise ValueError(f"format {manifest['format']!r}, expected {FORMAT!r}")
+        if sum(s["count"] for s in shards) != manifest["num_images"]:
+            raise ValueError("shard counts do not add up to num_images")
+        if len(manifest["classes"]) != manifest["num_classes"]:
+            raise ValueError("num_classes differs from the class list")
+    except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is corrupt or from another version ({error!r}); delete the folder and run "
                          "`python -m minidiffit.imagenet prepare` again") from None
     return manifest

@@ -236,6 +236,8 @@ def write_reference_batch(data_dir, out, image_size=256, num=0):
     For FAST runs and tests, where ADM's ImageNet reference batch is out of reach; fid.py treats both alike.
     """
     folder = ImageFolder(data_dir, image_size, output="uint8")
+    if num > len(folder):
+        raise ValueError(f"--num={num} but {data_dir} holds only {len(folder)} images; pass --num={len(folder)} or fewer")
     n = num or len(folder)
     arr = np.stack([folder[i][0].permute(1, 2, 0).numpy() for i in range(n)])  # (N, H, W, 3)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

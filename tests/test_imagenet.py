@@ -327,3 +327,20 @@ def test_command_line(folder, tmp_path, capsys):
     assert "already encoded" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown config key 'bach'.*valid keys"):
         main(args + ["--bach=4"])
+
+
+def test_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path):
+    from minidiffit.imagenet import _write_atomic
+
+    path = tmp_path / "manifest.json"
+    path.write_text("old")
+
+    def killed(tmp):  # writes half a file, then dies
+        with open(tmp, "w") as f:
+            f.write("ha")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        _write_atomic(path, killed)
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]

@@ -201,3 +201,9 @@ def test_clear_errors(data, tmp_path):
         latent_task.build_model(run_config(data, tmp_path, preset="cifar10"))
     with pytest.raises(FileNotFoundError, match="huggingface.co/nvidia/DiffiT"):
         latent_task.released_model(tmp_path / "diffit_256.safetensors")
+
+
+def test_reference_batch_refuses_more_images_than_the_folder_holds(tmp_path):
+    make_synthetic_imagefolder(tmp_path / "images", num_classes=2, per_class=2, size=64)
+    with pytest.raises(ValueError, match="holds only 4 images"):
+        latent_task.write_reference_batch(tmp_path / "images", tmp_path / "ref.npz", image_size=64, num=5)
