@@ -22,6 +22,10 @@ def _unet_config(cfg):
     return ucfg if cfg.dropout is None else dataclasses.replace(ucfg, dropout=cfg.dropout)
 
 
+def _image_shape(ucfg):
+    return (ucfg.in_channels, ucfg.img_resolution, ucfg.img_resolution)  # (C, H, W)
+
+
 def edm_build_model(cfg):
     ucfg = _unet_config(cfg)
     if cfg.augment_p > 0 and ucfg.augment_dim == 0:
@@ -42,7 +46,7 @@ def edm_generate(model, seeds, cfg, num_steps=18):
     """Deterministic Heun sampling (EDM Algorithm 1): 2 * num_steps - 1 network evaluations."""
     ucfg = _unet_config(cfg)
     device = next(model.parameters()).device
-    noise = seeded_noise(seeds, (ucfg.in_channels, ucfg.img_resolution, ucfg.img_resolution), device)
+    noise = seeded_noise(seeds, _image_shape(ucfg), device)
     return heun_sample(model, noise, num_steps=num_steps).clamp(-1, 1)
 
 
@@ -51,8 +55,8 @@ def edm_load_data(cfg):
     kwargs = {"num": cfg.num_data, "resolution": ucfg.img_resolution} if cfg.data == "synthetic" else {}
     data = load_dataset(cfg.data, cfg.data_dir, **kwargs)
     shape = tuple(data.images.shape[1:])
-    if shape != (ucfg.in_channels, ucfg.img_resolution, ucfg.img_resolution):
-        raise ValueError(f"dataset images are {shape} but preset {cfg.preset!r} expects {(ucfg.in_channels, ucfg.img_resolution, ucfg.img_resolution)}; choose a matching preset or dataset")
+    if shape != _image_shape(ucfg):
+        raise ValueError(f"dataset images are {shape} but preset {cfg.preset!r} expects {_image_shape(ucfg)}; choose a matching preset or dataset")
     return data
 
 
