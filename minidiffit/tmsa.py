@@ -64,8 +64,10 @@ class TMSA(Attention):
         super().__init__(dim, num_heads, window_size, fused)
         self.qkv_temb = nn.Linear(temb_dim or dim, 3 * dim)
 
-    def forward(self, x, temb):  # x: (B, N, D), temb: (B, Dt)
-        return self.attend(self.qkv(x) + self.qkv_temb(temb)[:, None])  # (B, N, 3D) -> (B, N, D)
+    def forward(self, x, temb):  # x: (B*nW, N, D), the nW windows of B images (nW = 1: whole images); temb: (B, Dt)
+        qkv_t = self.qkv_temb(temb)  # (B, 3D): once per image, not per window
+        qkv_t = qkv_t.repeat_interleave(x.shape[0] // temb.shape[0], dim=0)  # window k of image b gets image b's
+        return self.attend(self.qkv(x) + qkv_t[:, None])  # (B*nW, N, 3D) -> (B*nW, N, D)
 
 
 class DiffiTBlock(nn.Module):
@@ -88,9 +90,7 @@ class DiffiTBlock(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x, temb):  # x: (B, H, W, D), temb: (B, Dt)
-        B, H, W, D = x.shape
-        windows = window_partition(self.norm1(x), self.window_size)  # (B*nW, w*w, D)
-        nW = windows.shape[0] // B
-        temb = temb.repeat_interleave(nW, dim=0)  # each window of image b sees image b's time token
+        B, H, W, _ = x.shape
+        windows = window_partition(self.norm1(x), self.window_size)  # (B*nW, w*w, D), image-major
         x = x + window_reverse(self.attn(windows, temb), self.window_size, H, W)
         return x + self.mlp(self.norm2(x))
