@@ -352,7 +352,8 @@ def train(cfg, log=None):
         train_model = torch.compile(train_model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.bf16 and cuda) else contextlib.nullcontext()
 
-    out.mkdir(parents=True, exist_ok=True) if rank == 0 else None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     t_start = time.time() - elapsed  # so that time.time() - t_start is the training time summed over resumes
     t_log, step_log, loss_sum, loss_n, ckpt_loss, ckpt_n = time.time(), step, 0.0, 0, 0.0, 0
     while not finished():
