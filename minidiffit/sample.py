@@ -60,6 +60,10 @@ def _part_path(out, rank, world):
 
 def sample(scfg, log=None):
     rank, world, device, log = init_process(log)
+    out = Path(scfg.out)
+    kind = "npz" if out.suffix == ".npz" else "grid" if out.suffix == ".png" else "dir"
+    if kind == "grid" and world > 1:  # checked before loading and sampling, not after all the images are made
+        raise ValueError("a .png grid is a single-process output; run without torchrun or use a directory/.npz")
     if scfg.weights:  # a released checkpoint: the latent task without a training run (latent_task.py)
         from .latent_task import released_model
 
@@ -71,8 +75,6 @@ def sample(scfg, log=None):
         model, cfg, ckpt = build_from_checkpoint(scfg.ckpt, use_ema=scfg.ema, device=device)
         source = f"{'EMA' if scfg.ema else 'raw'} weights of {scfg.ckpt}, step {ckpt['step']}"
     steps = scfg.steps or cfg.sample_steps
-    out = Path(scfg.out)
-    kind = "npz" if out.suffix == ".npz" else "grid" if out.suffix == ".png" else "dir"
     mine = list(range(rank, scfg.num, world))  # strided: rank r makes images r, r + world, ...
     if kind == "dir":
         out.mkdir(parents=True, exist_ok=True)
@@ -94,8 +96,6 @@ def sample(scfg, log=None):
     if kind != "dir":
         x = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)  # (n, C, H, W)
         if kind == "grid":
-            if world > 1:
-                raise ValueError("a .png grid is a single-process output; run without torchrun or use a directory/.npz")
             save_grid(to_float(x), out)
         else:
             part = _part_path(out, rank, world)
