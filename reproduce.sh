@@ -57,7 +57,7 @@ run_cifar10() {
     echo "== CUDA, $ngpu GPU(s): preset cifar10, 200k iterations at batch 512 (EDM recipe) -> $out"
     "${launch[@]}" minidiffit.train --preset=cifar10 --data=cifar10 --out=$out --iters=200000 --batch=512 "$@"
     echo "== 50k samples, 18 Heun steps (35 network evaluations), EMA weights -> $out/samples"
-    "${launch[@]}" minidiffit.sample --ckpt=$out/ckpt.pt --num=50000 --steps=18 --batch=500 --out=$out/samples
+    "${launch[@]}" minidiffit.sample --ckpt=$out/ckpt.pt --num_samples=50000 --steps=18 --batch=500 --out=$out/samples
     local ref=runs/fid_refs/cifar10_train.npz tag="cifar10 ckpt=$out/ckpt.pt samples=50000 nfe=35"
     if [[ ! -f $ref ]]; then
       mkdir -p "$(dirname $ref)"
@@ -81,7 +81,7 @@ run_cifar10() {
       echo "== $out/samples.png is up to date"
     else
       echo "== 64 samples, 18 Heun steps (35 network evaluations), EMA weights -> $out/samples.png"
-      "$PY" -m minidiffit.sample --ckpt=$out/ckpt.pt --num=64 --steps=18 --batch=64 --out=$out/samples.png
+      "$PY" -m minidiffit.sample --ckpt=$out/ckpt.pt --num_samples=64 --steps=18 --batch=64 --out=$out/samples.png
     fi
   fi
 }
@@ -152,7 +152,7 @@ imagenet256_stages() {
   else
     [[ "$mode" == run ]] && echo "== sample: 50k images (image i: seed i, class i % 1000), guidance, 250 steps x 2 evaluations -> $samples"
     [[ "$mode" == run ]] && mkdir -p $out
-    step "${launch[@]}" minidiffit.sample "${source[@]}" --num=50000 --steps=250 --batch=64 --out=$samples
+    step "${launch[@]}" minidiffit.sample "${source[@]}" --num_samples=50000 --steps=250 --batch=64 --out=$samples
   fi
   if [[ "$mode" == run && ! -f "$ref" ]]; then
     echo "reproduce.sh imagenet256: ADM's reference batch $ref is missing. Download it (1.5 GB) with" >&2
@@ -181,10 +181,10 @@ imagenet256_fast() {
   echo "== resume the run for 10 more steps"
   "${train[@]}" --iters=20 "$@"
   echo "== sample 20 images (25 steps, guidance) -> $out/samples.npz"
-  "$PY" -m minidiffit.sample --ckpt=$out/run/ckpt.pt --num=20 --steps=25 --batch=10 --out=$out/samples.npz
+  "$PY" -m minidiffit.sample --ckpt=$out/run/ckpt.pt --num_samples=20 --steps=25 --batch=10 --out=$out/samples.npz
   echo "== the released-weights path: export the EMA as safetensors, sample it with --weights"
   "$PY" -m minidiffit.latent_task export --ckpt=$out/run/ckpt.pt --out=$out/tiny.safetensors
-  MINIDIFFIT_VAE=tiny "$PY" -m minidiffit.sample --weights=$out/tiny.safetensors --num=20 --steps=25 --batch=10 \
+  MINIDIFFIT_VAE=tiny "$PY" -m minidiffit.sample --weights=$out/tiny.safetensors --num_samples=20 --steps=25 --batch=10 \
     --out=$out/samples_weights.npz
   "$PY" -m minidiffit.latent_task reference --data_dir=$out/images --out=$out/ref.npz --image_size=64
   for s in samples samples_weights; do

@@ -1,7 +1,7 @@
 """Sample a trained run: N images from the EMA weights, image i from seed i (EDM's convention).
 
-    python -m minidiffit.sample --ckpt=runs/x/ckpt.pt --num=50000 --out=runs/x/samples --steps=18
-    torchrun --nproc_per_node=8 -m minidiffit.sample --ckpt=... --num=50000 --out=samples.npz
+    python -m minidiffit.sample --ckpt=runs/x/ckpt.pt --num_samples=50000 --out=runs/x/samples --steps=18
+    torchrun --nproc_per_node=8 -m minidiffit.sample --ckpt=... --num_samples=50000 --out=samples.npz
     torchrun --nproc_per_node=8 -m minidiffit.sample --weights=diffit_256.safetensors --steps=250 --out=samples.npz
 
 --out is a directory (PNGs 00000.png ..., resumable: existing files are skipped), a .npz (`arr_0`
@@ -11,7 +11,6 @@ The sampler is the training task's (EDM Heun, EDM Algorithm 1, for "edm"). Noteb
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from .train import build_from_checkpoint, get_task, init_process, save_grid
 @dataclass
 class SampleConfig:
     ckpt: str = ""  # checkpoint written by minidiffit.train (runs/x/ckpt.pt)
-    num: int = 50_000  # number of images; image i uses seed i
+    # Not `num`: torchrun would take `--num=` for an abbreviation of its own `--numa-binding` and refuse it.
+    num_samples: int = 50_000  # number of images; image i uses seed i
     out: str = "samples"  # a directory of PNGs, a .npz (arr_0 uint8 NHWC) or a .png grid
     steps: int = 0  # sampler steps; 0: the run's own (EDM Heun 18 = 35 network evaluations; latent 250 respaced)
     batch: int = 256  # images per forward pass on one rank
@@ -35,17 +35,13 @@ class SampleConfig:
     weights: str = ""  # instead of --ckpt: released latent DiffiT weights (diffit_256.safetensors, nvidia/DiffiT)
 
 
-def generate_images(model, cfg, indices, steps=18, batch=256, log=None):
+def generate_images(model, cfg, indices, steps=18, batch=256):
     """float images (len(indices), C, H, W) in [-1, 1]; image i from seed indices[i] only, any batching."""
     task = get_task(cfg.task)
     chunks = []
-    t0 = time.time()
     for start in range(0, len(indices), batch):
         seeds = torch.as_tensor(indices[start:start + batch], dtype=torch.int64)
         chunks.append(task.generate(model, seeds, cfg, steps).cpu())
-        if log:
-            done = start + len(seeds)
-            log(f"  {done}/{len(indices)} images, {done / (time.time() - t0):.2f} img/s")
     return torch.cat(chunks) if chunks else torch.zeros(0)
 
 
@@ -75,11 +71,11 @@ def sample(scfg, log=None):
         model, cfg, ckpt = build_from_checkpoint(scfg.ckpt, use_ema=scfg.ema, device=device)
         source = f"{'EMA' if scfg.ema else 'raw'} weights of {scfg.ckpt}, step {ckpt['step']}"
     steps = scfg.steps or cfg.sample_steps
-    mine = list(range(rank, scfg.num, world))  # strided: rank r makes images r, r + world, ...
+    mine = list(range(rank, scfg.num_samples, world))  # strided: rank r makes images r, r + world, ...
     if kind == "dir":
         out.mkdir(parents=True, exist_ok=True)
         mine = [i for i in mine if not (out / png_name(i)).exists()]  # resume: skip what is there
-    log(f"sampling {scfg.num} images ({source}), "
+    log(f"sampling {scfg.num_samples} images ({source}), "
         f"{steps} steps, batch {scfg.batch} x {world} ranks -> {out}")
     if kind == "dir" and rank == 0:
         log(f"  rank 0 has {len(mine)} images to make (existing PNGs are skipped)")
@@ -94,7 +90,8 @@ def sample(scfg, log=None):
             chunks.append(x)
         log(f"  {start + len(idx)}/{len(mine)} images on rank 0")
     if kind != "dir":
-        x = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)  # (n, C, H, W)
+        # A rank with no images (--num_samples < ranks) saves an empty (0, 1, 1, 1) part; it broadcasts into the merge.
+        x = torch.cat(chunks) if chunks else torch.zeros(0, 1, 1, 1, dtype=torch.uint8)  # (n, C, H, W)
         if kind == "grid":
             save_grid(to_float(x), out)
         else:
@@ -105,14 +102,14 @@ def sample(scfg, log=None):
             if rank == 0:
                 parts = [_part_path(out, r, world) for r in range(world)]
                 arrays = [np.load(p) for p in parts]
-                arr = np.empty((scfg.num,) + arrays[0].shape[1:], dtype=np.uint8)
+                arr = np.empty((scfg.num_samples,) + arrays[0].shape[1:], dtype=np.uint8)
                 for r, a in enumerate(arrays):
                     arr[r::world] = a  # undo the striding: image i at row i
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tmp = out.with_name(out.name + ".tmp.npz")
                 # ADM's layout: class-conditional tasks also store each image's label as arr_1
                 label_fn = getattr(get_task(cfg.task), "labels", None)
-                extra = {"arr_1": np.asarray(label_fn(model, np.arange(scfg.num), cfg))} if label_fn else {}
+                extra = {"arr_1": np.asarray(label_fn(model, np.arange(scfg.num_samples), cfg))} if label_fn else {}
                 np.savez(tmp, arr_0=arr, **extra)
                 os.replace(tmp, out)
                 for p in parts:

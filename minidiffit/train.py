@@ -117,7 +117,7 @@ def learning_rate(cfg, cur_nimg):
     """lr * min(images seen / warm-up images, 1) (EDM: 10 Mimg warm-up); no warm-up when warmup_kimg <= 0."""
     if cfg.warmup_kimg <= 0:
         return cfg.lr
-    return cfg.lr * min(cur_nimg / max(cfg.warmup_kimg * 1000, 1e-8), 1)
+    return cfg.lr * min(cur_nimg / (cfg.warmup_kimg * 1000), 1)
 
 
 def ema_beta(cur_nimg, batch, halflife_kimg=500, rampup=0.05):

@@ -105,7 +105,7 @@ def test_resumed_run_equals_a_straight_run(data, run):
 
 def test_sample_npz_in_adms_layout_then_evaluate(data, run, tmp_path):
     npz = tmp_path / "samples.npz"
-    sample(SampleConfig(ckpt=str(run / "ckpt.pt"), num=20, out=str(npz), steps=4, batch=8), **QUIET)
+    sample(SampleConfig(ckpt=str(run / "ckpt.pt"), num_samples=20, out=str(npz), steps=4, batch=8), **QUIET)
     with np.load(npz) as z:
         images, labels = z["arr_0"], z["arr_1"]
     assert images.shape == (20, 64, 64, 3) and images.dtype == np.uint8
@@ -171,7 +171,7 @@ def test_released_weights_path_matches_the_model(run, tmp_path, monkeypatch):
     weights = tmp_path / "tiny.safetensors"
     assert latent_task.main(["export", f"--ckpt={run / 'ckpt.pt'}", f"--out={weights}"]) == 0
     npz = tmp_path / "released.npz"
-    sample(SampleConfig(weights=str(weights), num=6, out=str(npz), steps=3, batch=6), **QUIET)
+    sample(SampleConfig(weights=str(weights), num_samples=6, out=str(npz), steps=3, batch=6), **QUIET)
     model, cfg, _ = build_from_checkpoint(run / "ckpt.pt")  # the EMA weights, which export wrote
     expected = latent_task.generate(model, torch.arange(6), cfg, num_steps=3, vae=load_vae(VAEConfig(source="tiny")))
     with np.load(npz) as z:

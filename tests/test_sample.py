@@ -47,9 +47,9 @@ def test_image_i_does_not_depend_on_batching_or_order(ckpt):
 
 def test_png_dir_npz_and_resume_agree(ckpt, tmp_path):
     out = tmp_path / "pngs"
-    sample(SampleConfig(ckpt=str(ckpt), num=3, out=str(out), steps=1, batch=2), log=lambda *a: None)
+    sample(SampleConfig(ckpt=str(ckpt), num_samples=3, out=str(out), steps=1, batch=2), log=lambda *a: None)
     pngs = np.stack([np.asarray(Image.open(out / f"{i:05d}.png")) for i in range(3)])  # (3, 32, 32, 3)
-    sample(SampleConfig(ckpt=str(ckpt), num=3, out=str(tmp_path / "s.npz"), steps=1, batch=3), log=lambda *a: None)
+    sample(SampleConfig(ckpt=str(ckpt), num_samples=3, out=str(tmp_path / "s.npz"), steps=1, batch=3), log=lambda *a: None)
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.shape == (3, 32, 32, 3) and arr.dtype == np.uint8
     assert np.abs(arr.astype(int) - pngs).max() <= 1  # equal up to a float rounding at a .5 boundary
@@ -57,12 +57,12 @@ def test_png_dir_npz_and_resume_agree(ckpt, tmp_path):
     # resume: a deleted PNG is made again, the others are left alone
     (out / "00001.png").unlink()
     (out / "00002.png").write_bytes(b"sentinel")  # not a PNG: proves existing files are skipped
-    sample(SampleConfig(ckpt=str(ckpt), num=3, out=str(out), steps=1, batch=2), log=lambda *a: None)
+    sample(SampleConfig(ckpt=str(ckpt), num_samples=3, out=str(out), steps=1, batch=2), log=lambda *a: None)
     assert np.abs(np.asarray(Image.open(out / "00001.png")).astype(int) - pngs[1]).max() <= 1
     assert (out / "00002.png").read_bytes() == b"sentinel"
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main([f"--ckpt={tmp_path / 'none.pt'}", "--num=1"])
+        main([f"--ckpt={tmp_path / 'none.pt'}", "--num_samples=1"])
     assert "no checkpoint at" in capsys.readouterr().err
