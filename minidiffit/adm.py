@@ -8,6 +8,7 @@ the ancestral sampler and DDIM (Song et al. 2021). DiffiT's latent model uses ex
 Introduced in notebooks/08_latent_diffit.ipynb.
 """
 
+import itertools
 import math
 
 import torch
@@ -23,26 +24,34 @@ def linear_betas(num_steps=1000, beta_start=1e-4, beta_end=0.02):
 
 
 def space_timesteps(num_steps, spec):
-    """The original steps kept by respacing `spec`: "250" -> 250 steps evenly spread over 0..T-1 (ends kept);
-    "10,15,20" -> three equal sections of T, with that many steps each; "ddim50" -> 0, T/50, 2T/50, ...
+    """The original steps kept by respacing `spec`, exactly those ADM's `space_timesteps` (respace.py) keeps.
 
-    As ADM's `space_timesteps`: inside a section of size n with k steps, the steps are round(i * (n-1)/(k-1)).
+    "250": 250 steps spread evenly over 0..T-1, both ends kept. "10,15,20": T cut into three sections, the first
+    T % 3 of them one step longer, with 10, 15 and 20 steps spread evenly in each. Inside a section of n steps
+    taking k, ADM adds up the stride, cur += (n - 1) / (k - 1), and keeps round(cur) (Python's round: a tie goes
+    to the even neighbour); the running sum drifts from i * stride by round-off, which moves one kept step for
+    278 of the counts 1..1000 (e.g. "21"), so we add it up the same way.
+    "ddim30": range(0, T, s) for the smallest stride s in 1..T-1 giving exactly 30 steps (s = 34 for T = 1000);
+    a ValueError if none does (ADM searches the same strides, so "ddim1" is refused too).
     """
     spec = str(spec)
     if spec.startswith("ddim"):
         k = int(spec[4:])
-        if num_steps % k:
-            raise ValueError(f"ddim{k}: {num_steps} steps are not divisible by {k}")
-        return list(range(0, num_steps, num_steps // k))
+        for stride in range(1, num_steps):
+            if len(range(0, num_steps, stride)) == k:
+                return list(range(0, num_steps, stride))
+        raise ValueError(f"ddim{k}: no integer stride takes exactly {k} of {num_steps} steps")
     counts = [int(c) for c in spec.split(",")]
     size, extra = divmod(num_steps, len(counts))
     kept, start = [], 0
     for i, k in enumerate(counts):
         n = size + (1 if i < extra else 0)
+        # Choice: a count of 0 is refused, where ADM silently keeps no step of that section.
         if not 1 <= k <= n:
             raise ValueError(f"respacing {spec!r}: cannot take {k} steps from a section of {n}")
-        stride = (n - 1) / (k - 1) if k > 1 else 0
-        kept += [start + round(i_ * stride) for i_ in range(k)]
+        stride = (n - 1) / (k - 1) if k > 1 else 1
+        # accumulate: 0, s, (0 + s) + s, ... the same float additions as ADM's `cur_idx += frac_stride`.
+        kept += [start + round(cur) for cur in itertools.accumulate([stride] * (k - 1), initial=0.0)]
         start += n
     return sorted(set(kept))
 
@@ -94,7 +103,8 @@ class GaussianDiffusion:
     """All per-step coefficients of a discrete diffusion with betas (T,), precomputed in float64.
 
     `timestep_map[i]` is the original step of this (possibly respaced) diffusion's step i: the model is
-    always called with original steps, so one network serves every respacing.
+    always called with original steps, so one network serves every respacing. The tables are fixed once built:
+    `_at` caches a copy of each per device and dtype.
     """
 
     def __init__(self, betas=None, timestep_map=None):
@@ -105,6 +115,13 @@ class GaussianDiffusion:
         self.alphas_cumprod = torch.cumprod(1 - b, 0)  # alpha-bar_t
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         acp, prev = self.alphas_cumprod, self.alphas_cumprod_prev
+        # Every coefficient is computed here in float64 and rounded to x's dtype only when indexed (`_at`), as ADM
+        # does. Computed in float32 at call time, 1 - alpha-bar_0 = 1e-4 keeps only the digits that alpha-bar_0's
+        # rounding left it: sqrt(1 - alpha-bar_0) came out 8e-5 off (relative) instead of within 6e-8.
+        self.sqrt_alphas_cumprod = acp.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - acp).sqrt()
+        self.sqrt_recip_alphas_cumprod = acp.rsqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1 / acp - 1).sqrt()
         # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, posterior_variance) (DDPM Eq. 6-7).
         self.posterior_variance = b * (1 - prev) / (1 - acp)
         # Zero at t = 0: clip its log to the t = 1 value so it stays finite (as ADM).
@@ -112,6 +129,15 @@ class GaussianDiffusion:
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = b * prev.sqrt() / (1 - acp)
         self.posterior_mean_coef2 = (1 - prev) * (1 - b).sqrt() / (1 - acp)
+        self.log_betas = b.log()  # the learned range's upper end
+        # Fixed large variance: beta_t, with beta_0 replaced by the posterior variance at t=1 (as ADM).
+        self.log_variance_fixed_large = torch.log(torch.cat([self.posterior_variance[1:2], b[1:]]))
+        # DDIM's sigma at eta = 1 (Song et al. Eq. 16) and the rest of its step.
+        # Choice: from float64 tables too, where ADM's DDIM step computes these in float32 at call time.
+        self.ddim_sigma = ((1 - prev) / (1 - acp) * (1 - acp / prev)).sqrt()
+        self.sqrt_alphas_cumprod_prev = prev.sqrt()
+        self.one_minus_alphas_cumprod_prev = 1 - prev
+        self._cache = {}  # (table name, device, dtype) -> that table there
 
     @classmethod
     def respaced(cls, spec="250", betas=None):
@@ -123,12 +149,19 @@ class GaussianDiffusion:
         new_betas = 1 - acp / torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
         return cls(new_betas, timestep_map=kept)
 
-    @staticmethod
-    def _at(arr, t, x):
-        """arr[t] broadcast to x's shape, in x's dtype: (B,) steps -> (B, 1, 1, ...).
+    def _table(self, name, device, dtype):
+        """The table `name` on `device` in `dtype`, copied there once. Indexing the CPU table instead would move
+        t to the CPU and back at every call: a device sync per sampling step on a GPU."""
+        key = (name, device, dtype)
+        if key not in self._cache:
+            self._cache[key] = getattr(self, name).to(device=device, dtype=dtype)
+        return self._cache[key]
 
-        Coefficients are kept in float64 and rounded to x's dtype only here, as ADM does (float32 on GPU)."""
-        out = arr[t.cpu()].to(device=x.device, dtype=x.dtype)
+    def _at(self, name, t, x):
+        """Table `name` at steps t (B,), in x's dtype, shaped (B, 1, 1, ...) to broadcast against x.
+
+        Each float64 coefficient is rounded to x's dtype once, as ADM's `_extract_into_tensor` does."""
+        out = self._table(name, x.device, x.dtype)[t.to(x.device)]
         return out.view(-1, *([1] * (x.ndim - 1)))
 
     # --- forward process -------------------------------------------------------
@@ -136,13 +169,13 @@ class GaussianDiffusion:
     def q_sample(self, x_start, t, noise=None):
         """x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps (DDPM Eq. 4)."""
         noise = torch.randn_like(x_start) if noise is None else noise
-        acp = self._at(self.alphas_cumprod, t, x_start)
-        return acp.sqrt() * x_start + (1 - acp).sqrt() * noise
+        return (self._at("sqrt_alphas_cumprod", t, x_start) * x_start
+                + self._at("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
 
     def q_posterior(self, x_start, x_t, t):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
-        mean = self._at(self.posterior_mean_coef1, t, x_t) * x_start + self._at(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, self._at(self.posterior_variance, t, x_t), self._at(self.posterior_log_variance_clipped, t, x_t)
+        mean = self._at("posterior_mean_coef1", t, x_t) * x_start + self._at("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self._at("posterior_variance", t, x_t), self._at("posterior_log_variance_clipped", t, x_t)
 
     # --- reverse process -------------------------------------------------------
 
@@ -157,22 +190,20 @@ class GaussianDiffusion:
         model_output = model_output.to(x_t.dtype)  # bf16 under autocast: do the diffusion math in x's precision
         if model_output.shape[1] == 2 * C:
             eps, v = model_output.split(C, dim=1)
-            min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._at(torch.log(self.betas), t, x_t)
+            min_log = self._at("posterior_log_variance_clipped", t, x_t)
+            max_log = self._at("log_betas", t, x_t)
             frac = (v + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
         elif model_output.shape[1] == C:
             # Choice: eps-only models are accepted too (DiT's learn_sigma=False), with ADM's fixed-large variance.
-            # Fixed large: beta_t, with beta_0 replaced by the posterior variance at t=1 (as ADM).
             eps = model_output
-            large = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
-            log_variance = self._at(torch.log(large), t, x_t).expand_as(x_t)
+            log_variance = self._at("log_variance_fixed_large", t, x_t).expand_as(x_t)
         else:
             raise ValueError(f"model output has {model_output.shape[1]} channels; "
                              f"expected {C} (eps) or {2 * C} (eps, v)")
-        # x_0 from eps (DDPM Eq. 4 solved for x_0), then the posterior mean given that x_0.
-        acp = self._at(self.alphas_cumprod, t, x_t)
-        pred_xstart = (x_t - (1 - acp).sqrt() * eps) / acp.sqrt()
+        # x_0 from eps (DDPM Eq. 4 solved for x_0, in ADM's form), then the posterior mean given that x_0.
+        pred_xstart = (self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                       - self._at("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
         if clip_denoised:  # pixels in [-1, 1]; latents are not clipped (DiT samples with clip_denoised=False)
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior(pred_xstart, x_t, t)
@@ -180,7 +211,7 @@ class GaussianDiffusion:
 
     def _model(self, model, x, t, model_kwargs):
         """Call the network with the original step of each respaced step."""
-        return model(x, self.timestep_map[t.cpu()].to(x.device), **(model_kwargs or {}))
+        return model(x, self._table("timestep_map", x.device, t.dtype)[t.to(x.device)], **(model_kwargs or {}))
 
     # --- the loss ----------------------------------------------------------------
 
@@ -244,12 +275,13 @@ class GaussianDiffusion:
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             p = self.p_mean_variance(self._model(model, x, t, model_kwargs), x, t, clip_denoised)
-            a = self._at(self.alphas_cumprod, t, x)
-            a_prev = self._at(self.alphas_cumprod_prev, t, x)
             x0 = p["pred_xstart"]
-            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # re-derived so that a clipped x0 stays consistent
-            sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
-            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps
+            # eps re-derived from x0 so that a clipped x0 stays consistent (DDPM Eq. 4 again, in ADM's form)
+            eps = ((self._at("sqrt_recip_alphas_cumprod", t, x) * x - x0)
+                   / self._at("sqrt_recipm1_alphas_cumprod", t, x))
+            sigma = eta * self._at("ddim_sigma", t, x)
+            x = (self._at("sqrt_alphas_cumprod_prev", t, x) * x0
+                 + (self._at("one_minus_alphas_cumprod_prev", t, x) - sigma**2).sqrt() * eps)
             if i > 0 and eta > 0:
                 x = x + sigma * randn_like(x, generator)
         return x

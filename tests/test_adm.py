@@ -85,10 +85,34 @@ def test_q_sample_statistics():
         assert xt.var().item() == pytest.approx(1 - a, rel=0.02, abs=1e-8)
 
 
+def adm_space_timesteps(num_timesteps, section_counts):
+    """ADM's respace.py `space_timesteps` for comma-separated counts, in its literal form: the fractional stride
+    is added up in `cur_idx`, not multiplied."""
+    section_counts = [int(x) for x in section_counts.split(",")]
+    size_per = num_timesteps // len(section_counts)
+    extra = num_timesteps % len(section_counts)
+    start_idx = 0
+    all_steps = []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if section_count <= 1:
+            frac_stride = 1
+        else:
+            frac_stride = (size - 1) / (section_count - 1)
+        cur_idx = 0.0
+        taken_steps = []
+        for _ in range(section_count):
+            taken_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        all_steps += taken_steps
+        start_idx += size
+    return sorted(set(all_steps))
+
+
 def test_space_timesteps():
     kept = space_timesteps(1000, "250")
     assert len(kept) == 250 and kept[0] == 0 and kept[-1] == 999
-    assert kept == [round(i * 999 / 249) for i in range(250)]
+    assert kept == adm_space_timesteps(1000, "250")
     assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
     sections = space_timesteps(30, "2,3,10")
     assert sections == [0, 9, 10, 14, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]
@@ -97,7 +121,64 @@ def test_space_timesteps():
         space_timesteps(10, "11")
 
 
-@pytest.mark.parametrize("spec", ["250", "ddim25", "10,20,30"])
+def test_space_timesteps_match_adm():
+    for k in range(1, 1001):
+        assert space_timesteps(1000, str(k)) == adm_space_timesteps(1000, str(k)), k
+    # Sections of unequal size (1000 = 334 + 333 + 333, 31 = 16 + 15) and a section count that is not T's divisor.
+    for T, spec in [(1000, "10,15,20"), (1000, "2,3"), (31, "2,3"), (1000, "7,1,333")]:
+        assert space_timesteps(T, spec) == adm_space_timesteps(T, spec), spec
+
+
+def test_space_timesteps_accumulate_the_stride():
+    """The counts where ADM's running sum and round(i * stride) part: we used to keep the latter."""
+    for k, moved in [(21, {500: 499}), (43, {500: 499, 832: 833})]:
+        multiplied = [round(i * 999 / (k - 1)) for i in range(k)]
+        ours = space_timesteps(1000, str(k))
+        assert ours == adm_space_timesteps(1000, str(k))
+        assert ours != multiplied
+        assert ours == sorted(moved.get(s, s) for s in multiplied)
+
+
+def test_space_timesteps_ddim():
+    assert space_timesteps(1000, "ddim25") == list(range(0, 1000, 40))  # 25 divides 1000
+    kept = space_timesteps(1000, "ddim30")  # it does not: ADM's search finds stride 34 (ceil(1000 / 34) = 30)
+    assert kept == list(range(0, 1000, 34)) and len(kept) == 30
+    with pytest.raises(ValueError, match="no integer stride"):
+        space_timesteps(1000, "ddim999")  # stride 1 gives 1000 steps, stride 2 gives 500
+
+
+def test_coefficients_rounded_once_from_float64():
+    """At t = 0, 1 - alpha-bar = 1e-4: float32 arithmetic on a float32 alpha-bar there is off by 8e-5 (relative);
+    ADM's float64 tables rounded once to float32 are off by float32's rounding only."""
+    acp0 = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[0]
+    d = GaussianDiffusion()
+    t = torch.zeros(1, dtype=torch.long)
+    zero, one = torch.zeros(1, 1), torch.ones(1, 1)
+    assert d.q_sample(zero, t, noise=one).dtype == torch.float32
+    assert d.q_sample(zero, t, noise=one).item() == pytest.approx(math.sqrt(1 - acp0), rel=1e-6)  # sqrt(1 - a) eps
+    assert d.q_sample(one, t, noise=zero).item() == pytest.approx(math.sqrt(acp0), rel=1e-6)  # sqrt(a) x_0
+    x0_hat = d.p_mean_variance(one, zero, t)["pred_xstart"]  # eps-only model output 1 at x_t = 0
+    assert x0_hat.item() == pytest.approx(-math.sqrt(1 / acp0 - 1), rel=1e-6)
+
+
+def test_steps_stay_on_their_device():
+    """The steps t index tables already on x's device: never a copy to the CPU and back (a sync per step on a
+    GPU). Meta tensors have no data to copy, so any such round trip raises here."""
+    d = GaussianDiffusion.respaced("5")
+    seen = []
+
+    def model(x, t):
+        seen.append(t.device)
+        return torch.zeros_like(x).repeat(1, 2, 1, 1)
+
+    x = torch.empty(2, 3, 4, 4, device="meta")
+    t = torch.zeros(2, dtype=torch.long, device="meta")
+    assert d.q_sample(x, t, x).is_meta and d.training_losses(model, x, t)["loss"].is_meta
+    assert d.p_sample_loop(model, x).is_meta and d.ddim_sample_loop(model, x, eta=1.0).is_meta
+    assert set(seen) == {torch.device("meta")}
+
+
+@pytest.mark.parametrize("spec", ["250", "ddim25", "ddim30", "10,20,30"])
 def test_respacing_keeps_alphas_cumprod(spec):
     base = GaussianDiffusion()
     d = GaussianDiffusion.respaced(spec)
