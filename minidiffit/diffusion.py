@@ -14,18 +14,31 @@ import torch.nn.functional as F
 AUGMENT_DIM = 9  # xflip, yflip, scale, rotate (cos-1, sin), aniso (2), translate (2)
 
 
-def _randn(shape, generator=None, device=None, dtype=torch.float32):
-    """N(0, I) noise, drawn from `generator` on its own device (a CPU generator may drive CUDA tensors)."""
+def _draw(sample, shape, generator, device, dtype):
+    """`sample` (torch.randn or torch.rand) of `shape` from the global RNG (generator None), one
+    torch.Generator, or a list of one generator per image (shape[0] of them), as adm.py's `randn_like`.
+
+    Each generator draws on its own device (a CPU generator may drive CUDA tensors), then the numbers move
+    to `device`. With a list, image i's numbers come from generator i alone, so an image is the same
+    whatever batch it is drawn in (EDM samples every image from its own seed).
+    """
     if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+        return sample(shape, device=device, dtype=dtype)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: need one per image")
+        return torch.stack([sample(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]).to(device)
+    return sample(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def _randn(shape, generator=None, device=None, dtype=torch.float32):
+    """N(0, I) noise; `generator` None, one torch.Generator, or a list of one per image (see `_draw`)."""
+    return _draw(torch.randn, shape, generator, device, dtype)
 
 
 def _rand(shape, generator=None, device=None):
     """U[0, 1) numbers, drawn like `_randn`."""
-    if generator is None:
-        return torch.rand(shape, device=device)
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+    return _draw(torch.rand, shape, generator, device, torch.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -70,18 +83,23 @@ class EDMPrecond(nn.Module):
 
 
 def edm_loss(denoiser, images, augment_labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, generator=None):
-    """(B,) per-sample loss lambda(sigma) * mean ||D(y + n; sigma) - y||^2, with n ~ N(0, sigma^2 I).
+    """(B,) per-sample loss lambda(sigma) * ||D(y + n; sigma) - y||^2, summed over C, H, W; n ~ N(0, sigma^2 I).
 
     lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 makes the effective target of F unit-variance at
-    every sigma. `images` are the (possibly augmented) training images in [-1, 1].
+    every sigma. `images` are the (possibly augmented) training images in [-1, 1]. Average the result
+    over the batch (sum / B) to get EDM's training objective. `generator`: as `_randn`.
     """
-    # Choice: the mean over pixels, not EDM's sum, so the loss reads O(1); Adam is invariant to the scale.
+    # The scale is EDM's: training/loss.py (EDMLoss) returns the per-pixel weighted error, and
+    # training_loop.py calls loss.sum().mul(loss_scaling / batch_gpu_total).backward(), a sum over pixels and
+    # a mean over the batch. A pixel mean would shrink the gradients C*H*W times (3072 at CIFAR-10), and
+    # Adam's eps (1e-8) would weigh that much more against them: the optimizer step would not be EDM's.
+    # So the loss reads ~C*H*W per image, not O(1).
     B = images.shape[0]
     sigma = (_randn((B,), generator, images.device) * P_std + P_mean).exp()  # (B,) log-normal noise levels
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # (B,)
     noise = _randn(images.shape, generator, images.device) * sigma.reshape(B, *[1] * (images.ndim - 1))
     denoised = denoiser(images + noise, sigma, augment_labels)
-    return weight * (denoised - images).square().flatten(1).mean(dim=1)  # (B,)
+    return weight * (denoised - images).square().flatten(1).sum(dim=1)  # (B,)
 
 
 # ----------------------------------------------------------------------------
@@ -141,6 +159,8 @@ def stochastic_sample(denoiser, noise, num_steps=18, sigma_min=0.002, sigma_max=
 
     S_churn sets the total amount of noise added, spread over the steps with sigma in [S_min, S_max];
     S_noise slightly > 1 offsets the detail the denoiser removes. S_churn=0 is Algorithm 1 exactly.
+    `generator`: None, one torch.Generator, or a list of one per image; with a list, image i's churn noise
+    comes from generator i only, so it does not depend on its batch-mates (EDM seeds every image).
     """
     t = sigma_steps(num_steps, sigma_min, sigma_max, rho)
     x_next = noise.to(torch.float64) * t[0]  # line 2: x_0 ~ N(0, t_0^2 I)

@@ -61,6 +61,26 @@ def test_stochastic_with_zero_churn_is_heun():
                                heun_sample(gaussian_denoiser, noise, num_steps=6))
 
 
+def test_stochastic_per_image_generators_make_images_batch_independent():
+    # EDM samples every image from its own seed: with one generator per image, image 2 of a batch of 4 is
+    # image 2 sampled alone. S_churn > 0 over the whole schedule, so every step draws noise.
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    kw = dict(num_steps=8, S_churn=4, S_min=0, S_max=float("inf"))
+    batch = stochastic_sample(gaussian_denoiser, noise, generator=[torch.Generator().manual_seed(i) for i in range(4)],
+                              **kw)
+    alone = stochastic_sample(gaussian_denoiser, noise[2:3], generator=[torch.Generator().manual_seed(2)], **kw)
+    torch.testing.assert_close(batch[2:3], alone)
+    # One generator shared by the batch (the only option before): image 2's noise depends on its batch-mates.
+    shared = stochastic_sample(gaussian_denoiser, noise, generator=torch.Generator().manual_seed(2), **kw)
+    assert (shared[2] - alone[0]).abs().max() > 1e-2
+    # A single generator and no generator still work, and the list must have one generator per image.
+    assert torch.equal(shared, stochastic_sample(gaussian_denoiser, noise, generator=torch.Generator().manual_seed(2),
+                                                 **kw))
+    assert stochastic_sample(gaussian_denoiser, noise, **kw).shape == (4, 3)
+    with pytest.raises(ValueError, match="one per image"):
+        stochastic_sample(gaussian_denoiser, noise, generator=[torch.Generator()] * 3, **kw)
+
+
 def test_two_steps_of_euler_are_far_from_the_data():
     # The moment check above can fail: a crude sampler misses the covariance.
     noise = torch.randn(20000, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -172,7 +192,8 @@ def test_loss_weighting():
     loss = edm_loss(d, images, augment_labels=torch.zeros(4000, 9), generator=torch.Generator().manual_seed(0))
     s, sd = d.sigma, 0.5
     assert loss.shape == (4000,)
-    torch.testing.assert_close(loss, (s**2 + sd**2) / (s * sd) ** 2 * 0.3**2)
+    # summed over the C * H * W = 4 pixels, each off by 0.3
+    torch.testing.assert_close(loss, (s**2 + sd**2) / (s * sd) ** 2 * 0.3**2 * 4)
     # ln sigma ~ N(-1.2, 1.2^2); the input is images + sigma * N(0, I)
     assert s.log().mean().item() == pytest.approx(-1.2, abs=0.06)
     assert s.log().std().item() == pytest.approx(1.2, abs=0.06)
@@ -186,6 +207,58 @@ def test_loss_generator_is_deterministic():
     a = edm_loss(OffsetDenoiser(images), images, generator=torch.Generator().manual_seed(3))
     b = edm_loss(OffsetDenoiser(images), images, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+SD = 0.5
+
+
+class NearOptimalNet(torch.nn.Module):
+    """For all-zero images the exact denoiser is D = 0, i.e. F(z; c_noise) = -(sd / sigma) z with
+    sigma = exp(4 c_noise); a 1x1 conv of tiny weights adds a small error, as near the end of training."""
+
+    def __init__(self, err):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1, bias=False)
+        torch.nn.init.normal_(self.conv.weight, std=err)
+
+    def forward(self, z, c_noise, augment_labels=None):
+        sigma = (4 * c_noise).exp().reshape(-1, 1, 1, 1)
+        return -(SD / sigma) * z + self.conv(z)
+
+
+def adam_step(objective, seed=0):
+    """One Adam step (EDM's settings) of objective(denoiser, images, generator) on 4 zero CIFAR-size images:
+    (the gradient, the change in the weights)."""
+    torch.manual_seed(0)
+    D = EDMPrecond(NearOptimalNet(err=1e-7), sigma_data=SD)
+    w0 = D.net.conv.weight.detach().clone()
+    opt = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    objective(D, torch.zeros(4, 3, 32, 32), torch.Generator().manual_seed(seed)).backward()
+    grad = D.net.conv.weight.grad.clone()
+    opt.step()
+    return grad, D.net.conv.weight.detach() - w0
+
+
+def edm_reference_objective(D, y, generator):
+    # EDM written out: training/loss.py EDMLoss draws ln sigma ~ N(-1.2, 1.2^2), then n ~ N(0, sigma^2 I),
+    # and returns weight * (D(y + n) - y)^2 per pixel; training_loop.py sums it and divides by the batch.
+    B = y.shape[0]
+    sigma = (torch.randn(B, generator=generator) * 1.2 - 1.2).exp()
+    n = torch.randn(y.shape, generator=generator) * sigma.reshape(B, 1, 1, 1)
+    weight = ((sigma**2 + SD**2) / (sigma * SD) ** 2).reshape(B, 1, 1, 1)
+    return (weight * (D(y + n, sigma) - y) ** 2).sum() / B
+
+
+def test_loss_scale_gives_edm_adam_step():
+    # train.py's objective: the (B,) losses summed over the batch, divided by B.
+    grad, step = adam_step(lambda D, y, g: edm_loss(D, y, sigma_data=SD, generator=g).sum() / y.shape[0])
+    ref_grad, ref_step = adam_step(edm_reference_objective)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=0)
+    torch.testing.assert_close(step, ref_step, rtol=1e-5, atol=0)
+    # A pixel mean (the old scale) shrinks these small gradients 3072x, to the order of Adam's eps = 1e-8,
+    # and the first step lr * g / (|g| + eps) shrinks with them; at EDM's scale it is ~lr * sign(g).
+    _, mean_step = adam_step(lambda D, y, g: edm_loss(D, y, sigma_data=SD, generator=g).sum() / y.numel())
+    assert ((mean_step - step).abs().max() / step.abs().max()).item() > 0.1
 
 
 # ----------------------------------------------------------------------------
