@@ -1,40 +1,66 @@
 """The image-space DiffiT as a training task: EDM's preconditioning, loss, augmentation and Heun sampler.
 
-Plugs `unet.DiffiTUNet` and `diffusion.py` (EDM) into train.py's shared loop as the "edm" entry of its
-TASKS table (DiffiT Sec. 4.1, App. I.1; EDM App. F.1). The recipe's numbers (Adam lr 1e-3, batch 512,
-10 Mimg warm-up, EMA half-life 0.5 Mimg) are TrainConfig's defaults. Introduced in notebooks/05_train_cifar10.ipynb.
+Plugs `unet.DiffiTUNet` and `diffusion.py` (EDM) into train.py's loop (DiffiT Sec. 4.1, App. I.1; EDM
+App. F.1). A task is a module with a `Config` (its settings and defaults) and four functions: build_model,
+loss, generate, load_data. The recipe's numbers (Adam lr 1e-3, batch 512, 10 Mimg warm-up, EMA half-life
+0.5 Mimg, augmentation p 0.12) are Config's defaults. Introduced in notebooks/05_train_cifar10.ipynb.
 """
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
-from .data import load_dataset
+from .config import RunConfig, check
+from .data import DATASETS, load_dataset
 from .diffusion import EDMPrecond, augment, edm_loss, heun_sample
-from .train import Task, seeded_noise
+from .runtime import seeded_noise
 from .unet import UNET_PRESETS, DiffiTUNet
 
 
-def _unet_config(cfg):
-    if cfg.preset not in UNET_PRESETS:
-        raise ValueError(f"unknown preset {cfg.preset!r} for task 'edm'; choose one of {sorted(UNET_PRESETS)}")
+@dataclass
+class Config(RunConfig):
+    task: str = "edm"  # image-space DiffiT trained with EDM
+    preset: str = "small"  # model preset (unet.UNET_PRESETS): tiny, small, fashion, cifar10, ffhq64
+    dropout: float | None = None  # overrides the preset's dropout when set (None: the preset's value)
+    data: str = "cifar10"  # dataset: cifar10, fashion_mnist (torchvision download or --data_dir), folder, synthetic
+    num_data: int = 1024  # size of the synthetic dataset (--data=synthetic only)
+    iters: int = 200_000  # optimizer steps (DiffiT App. I.1: 200k on CIFAR-10)
+    batch: int = 512  # global batch (EDM CIFAR-10: 512)
+    lr: float = 1e-3  # Adam learning rate after warm-up (EDM CIFAR-10: 1e-3; FFHQ-64: 2e-4)
+    warmup_kimg: float = 10_000  # linear lr warm-up over this many thousand images (EDM: 10 Mimg)
+    augment_p: float = 0.12  # EDM non-leaky augmentation probability (CIFAR-10: 0.12; 0 = off)
+    sample_steps: int = 18  # Heun steps for the grid (18 = 35 network evaluations, EDM CIFAR-10)
+
+    def validate(self):
+        super().validate()
+        check(self.preset in UNET_PRESETS, f"--preset={self.preset}: unknown for task 'edm'; choose one of {sorted(UNET_PRESETS)}")
+        check(self.data in DATASETS, f"--data={self.data}: unknown dataset; choose one of {DATASETS}")
+        check(self.num_data > 0, f"--num_data={self.num_data}: must be > 0")
+        check(0 <= self.augment_p <= 1 and (self.dropout is None or 0 <= self.dropout < 1),
+              "--augment_p must be in [0, 1] and --dropout in [0, 1)")
+        check(self.augment_p == 0 or UNET_PRESETS[self.preset].augment_dim > 0,
+              f"--augment_p={self.augment_p} needs a preset with augment_dim > 0 (non-leaky augmentation feeds its "
+              f"labels to the net); pass --augment_p=0")
+
+
+def unet_config(cfg):
     ucfg = UNET_PRESETS[cfg.preset]
     return ucfg if cfg.dropout is None else dataclasses.replace(ucfg, dropout=cfg.dropout)
 
 
-def _image_shape(ucfg):
+def image_shape(cfg):
+    ucfg = unet_config(cfg)
     return (ucfg.in_channels, ucfg.img_resolution, ucfg.img_resolution)  # (C, H, W)
 
 
-def edm_build_model(cfg):
-    ucfg = _unet_config(cfg)
-    if cfg.augment_p > 0 and ucfg.augment_dim == 0:
-        raise ValueError(f"--augment_p={cfg.augment_p} needs a preset with augment_dim > 0 (non-leaky augmentation feeds its labels to the net); pass --augment_p=0")
-    return EDMPrecond(DiffiTUNet(ucfg))
+def build_model(cfg):
+    return EDMPrecond(DiffiTUNet(unet_config(cfg)))
 
 
-def edm_task_loss(model, images, labels, cfg):
-    """EDM loss (EDM Eq. 2 with its log-normal sigma) on augmented images; class labels are unused."""
+def loss(model, images, labels, cfg):
+    """EDM loss (EDM Eq. 2 with its log-normal sigma) on augmented images -> (B,); class labels are unused.
+    Noise, sigma and augmentation come from torch's global generator, which the loop seeds per micro-batch."""
     augment_labels = None
     if cfg.augment_p > 0:
         images, augment_labels = augment(images, p=cfg.augment_p)  # (B, C, H, W), (B, 9)
@@ -42,22 +68,19 @@ def edm_task_loss(model, images, labels, cfg):
 
 
 @torch.no_grad()
-def edm_generate(model, seeds, cfg, num_steps=18):
-    """Deterministic Heun sampling (EDM Algorithm 1): 2 * num_steps - 1 network evaluations."""
-    ucfg = _unet_config(cfg)
+def generate(model, seeds, cfg, num_steps=18):
+    """Deterministic Heun sampling (EDM Algorithm 1): 2 * num_steps - 1 network evaluations, image i from seeds[i]."""
     device = next(model.parameters()).device
-    noise = seeded_noise(seeds, _image_shape(ucfg), device)
-    return heun_sample(model, noise, num_steps=num_steps).clamp(-1, 1)
+    return heun_sample(model, seeded_noise(seeds, image_shape(cfg), device), num_steps=num_steps).clamp(-1, 1)
 
 
-def edm_load_data(cfg):
-    ucfg = _unet_config(cfg)
-    kwargs = {"num": cfg.num_data, "resolution": ucfg.img_resolution} if cfg.data == "synthetic" else {}
-    data = load_dataset(cfg.data, cfg.data_dir, **kwargs)
-    shape = tuple(data.images.shape[1:])
-    if shape != _image_shape(ucfg):
-        raise ValueError(f"dataset images are {shape} but preset {cfg.preset!r} expects {_image_shape(ucfg)}; choose a matching preset or dataset")
+def load_data(cfg):
+    C, H, _ = image_shape(cfg)
+    if cfg.data == "synthetic":
+        data = load_dataset("synthetic", num=cfg.num_data, resolution=H, channels=C)
+    else:  # image folders are cropped and resized to the preset's resolution (ADM's center crop)
+        data = load_dataset(cfg.data, cfg.data_dir, resolution=H)
+    if tuple(data.images.shape[1:]) != image_shape(cfg):
+        raise ValueError(f"dataset images are {tuple(data.images.shape[1:])} but preset {cfg.preset!r} expects "
+                         f"{image_shape(cfg)}; choose a matching preset (e.g. --preset=fashion for Fashion-MNIST) or dataset")
     return data
-
-
-TASK = Task(build_model=edm_build_model, loss=edm_task_loss, generate=edm_generate, load_data=edm_load_data)

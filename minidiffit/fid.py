@@ -7,11 +7,9 @@ Precision/recall are Kynkaanniemi et al. 2019 (k = 3), as ADM's evaluator report
 inception.py. Introduced in notebooks/06_fid.ipynb; `python -m minidiffit.fid --help` for the CLI.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import datetime
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,8 +17,10 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from minidiffit.data import IMAGE_EXTENSIONS, load_dataset, to_uint8
-from minidiffit.inception import InceptionV3FID, TinyFeatureNet, load_inception, preprocess
+from .config import check, run_command
+from .data import IMAGE_EXTENSIONS, load_dataset, read_image, to_uint8
+from .inception import InceptionV3FID, TinyFeatureNet, load_inception, preprocess
+from .runtime import atomic_write
 
 __all__ = ["InceptionV3FID", "load_inception", "get_network", "features", "FeatureStats", "feature_statistics",
            "frechet_distance", "precision_recall", "load_reference", "save_reference", "image_batches", "main"]
@@ -211,7 +211,7 @@ def save_reference(path, mu, sigma, **meta):
     """Write {mu, sigma, meta...} (meta: num, network, data, optionally features) as an npz, no pickle."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()}))
 
 
 def load_reference(path):
@@ -246,12 +246,15 @@ def image_batches(path, batch_size=100, num=0):
             items = z["arr_0"]
         load = lambda chunk: chunk  # noqa: E731
     elif path.is_dir():
-        items = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        # Hidden files are skipped: temporaries (runtime.atomic_write) and editor or OS litter, never samples.
+        items = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
 
         def load(chunk):
-            from PIL import Image
-
-            return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in chunk])
+            images = [read_image(f) for f in chunk]  # a corrupt file is a one-line error naming it
+            if len({a.shape for a in images}) > 1:
+                raise ValueError(f"images in {path} differ in size ({chunk[0].name} is {images[0].shape[:2]}); FID needs "
+                                 f"one size: make all samples with one model and settings")
+            return np.stack(images)
     else:
         raise FileNotFoundError(f"samples {path} is neither a folder of images nor an .npz file; "
                                 f"make samples with `python -m minidiffit.sample --ckpt=... --out={path}`")
@@ -261,8 +264,17 @@ def image_batches(path, batch_size=100, num=0):
     if n == 0:
         raise ValueError(f"no images found in {path}")
     items = items[:n]  # so the last batch reads no file beyond the first n
-    gen = (load(items[i : i + batch_size]) for i in range(0, n, batch_size))
-    return gen, n
+    def batches():
+        size = None  # every batch must have the first one's size, or FID would depend on where batches split
+        for i in range(0, n, batch_size):
+            batch = load(items[i : i + batch_size])
+            size = size or batch.shape[1:]
+            if batch.shape[1:] != size:
+                raise ValueError(f"samples in {path} differ in size ({tuple(size)} and {tuple(batch.shape[1:])} from "
+                                 f"image {i} on); FID needs one size: make all samples with one model and settings")
+            yield batch
+
+    return batches(), n
 
 
 # ----------------------------------------------------------------------------
@@ -281,6 +293,10 @@ class EvalConfig:
     tag: str = ""  # free text for the result line, e.g. "ckpt=runs/x/ckpt.pt nfe=35"
     device: str = ""  # "" = cuda when available, else cpu
 
+    def validate(self):
+        check(self.samples and self.ref, "evaluation needs --samples=DIR_OR_NPZ and --ref=REF.npz")
+        check(self.num >= 0 and self.batch > 0, "--num must be >= 0 and --batch > 0")
+
 
 @dataclasses.dataclass
 class RefConfig:
@@ -293,6 +309,10 @@ class RefConfig:
     save_features: bool = False  # also store the features (N, D) float32, for precision/recall (400 MB at 50k)
     device: str = ""  # "" = cuda when available, else cpu
 
+    def validate(self):
+        check(self.out, "ref needs --out=REF.npz")
+        check(self.num >= 0 and self.batch > 0, "--num must be >= 0 and --batch > 0")
+
 
 def _network(cfg):
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -300,8 +320,6 @@ def _network(cfg):
 
 
 def build_reference(cfg):
-    if not cfg.out:
-        raise ValueError("ref needs --out=REF.npz")
     ds = load_dataset(cfg.data, root=cfg.data_dir or None)
     images = ds.images[: cfg.num or None]  # (N, 3, H, W) uint8
     if cfg.num > len(ds.images):
@@ -316,8 +334,6 @@ def build_reference(cfg):
 
 
 def evaluate(cfg):
-    if not cfg.samples or not cfg.ref:
-        raise ValueError("evaluation needs --samples=DIR_OR_NPZ and --ref=REF.npz")
     ref = load_reference(cfg.ref)
     net, device = _network(cfg)
     batches, n = image_batches(cfg.samples, cfg.batch, cfg.num)
@@ -350,23 +366,11 @@ def evaluate(cfg):
 
 
 def main(argv=None):
-    from minidiffit.config import parse_overrides
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    is_ref = bool(argv) and argv[0] == "ref"
-    cfg = RefConfig() if is_ref else EvalConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m minidiffit.fid",
-        description="FID (and precision/recall) of samples against reference statistics, or `ref` to build them. "
-        f"Settings (--key=value): {', '.join(f.name for f in dataclasses.fields(cfg))}. Network file: --network=PATH "
-        "or $MINIDIFFIT_INCEPTION, else pytorch-fid's weights are downloaded.",
-    )
-    _, rest = parser.parse_known_args(argv[1:] if is_ref else argv)
-    try:
-        cfg = parse_overrides(cfg, rest)
-        return build_reference(cfg) if is_ref else evaluate(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
-        raise SystemExit(f"minidiffit.fid: {e}") from None
+    doc = __doc__ + ("\n    python -m minidiffit.fid --samples=DIR_OR_NPZ --ref=REF.npz [--num=N]   FID of samples"
+                     "\n    python -m minidiffit.fid ref --data=cifar10 --out=REF.npz            reference statistics"
+                     "\nNetwork: --network=PATH or $MINIDIFFIT_INCEPTION, else pytorch-fid's weights are downloaded.")
+    return run_command("minidiffit.fid", doc, {"": (lambda a: EvalConfig(), evaluate),
+                                              "ref": (lambda a: RefConfig(), build_reference)}, argv)
 
 
 if __name__ == "__main__":

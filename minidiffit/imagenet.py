@@ -8,57 +8,26 @@ notebooks/09_imagenet256.ipynb. Command line:
     python -m minidiffit.imagenet synthetic --out=DIR   (a tiny class-folder set for FAST runs and tests)
 """
 
-import argparse
-import dataclasses
 import functools
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
-from .config import parse_overrides
-from .data import to_float
+from .config import check, run_command
+from .data import list_image_folder, read_image, to_float
+from .runtime import atomic_write, barrier, fingerprint, init_process, write_json
 from .vae import SD_VAE_SCALE, LatentVAE, VAEConfig, load_vae
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # compared lower-cased, so ImageNet's .JPEG counts
 MANIFEST = "manifest.json"
 FORMAT = "minidiffit-latents/1"  # bumped whenever the shard layout changes
 
 # ----------------------------------------------------------------------------
-# ADM's center crop (Dhariwal & Nichol 2021, guided-diffusion; DiT and DiffiT's reference batches use it)
-
-
-def center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """PIL image -> (size, size, 3) uint8 array, cropped the way ADM made its ImageNet reference batches.
-
-    FID compares our samples with ADM's reference statistics, so training images must be cut the same
-    way: a different resize filter shifts FID by more than the gaps between the models we compare.
-    """
-    image = image.convert("RGB")
-    # 1. Halve with a box filter (each output pixel = mean of a 2x2 block) while the short side is at least
-    #    twice the target: cheap on large photos and free of aliasing.
-    while min(image.size) >= 2 * size:
-        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    # 2. Bicubic resize so the short side is exactly `size`; the long side rounds to the nearest pixel.
-    scale = size / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
-    # 3. Keep the central size x size square (offsets round down).
-    top, left = (image.height - size) // 2, (image.width - size) // 2
-    return np.asarray(image)[top:top + size, left:left + size]  # (size, size, 3)
-
-
-# ----------------------------------------------------------------------------
 # Class-folder images
-
-LAYOUT_HINT = ("expected one subfolder per class holding .JPEG/.jpg/.jpeg/.png images, as in ImageNet's train split "
-               "(.../train/n01440764/n01440764_10026.JPEG, .../train/n01443537/...): pass --data_dir=.../train")
-
 
 class ImageFolder(torch.utils.data.Dataset):
     """Images in class subfolders -> (image (3, size, size), label). Classes are the sorted folder names -> 0..K-1.
@@ -70,29 +39,17 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root, image_size=256, output="float"):
         if output not in ("float", "uint8"):
             raise ValueError(f"output={output!r}: choose 'float' (in [-1, 1]) or 'uint8'")
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder {str(root)!r} does not exist; {LAYOUT_HINT}")
-        self.root, self.image_size, self.output = root, image_size, output
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        paths, labels = [], []  # sorted by class, then file name: a fixed order for the shards
-        for label, name in enumerate(self.classes):
-            files = sorted(f.name for f in os.scandir(root / name) if f.name.lower().endswith(IMAGE_EXTENSIONS))
-            paths += [str(root / name / f) for f in files]
-            labels += [label] * len(files)
+        self.root, self.image_size, self.output = Path(root), image_size, output
+        self.classes, paths, labels = list_image_folder(root)  # sorted by class, then file name: a fixed order
         # numpy arrays rather than 1.28M Python strings: DataLoader workers that merely read Python objects
         # touch their reference counts and so copy the pages, once per worker.
         self.paths, self.labels = np.array(paths), np.array(labels, dtype=np.int64)
-        if not paths:
-            found = f"{len(self.classes)} subfolders but no images in them" if self.classes else "no class subfolders"
-            raise FileNotFoundError(f"image folder {str(root)!r} has {found}; {LAYOUT_HINT}")
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        with Image.open(self.paths[i]) as image:
-            pixels = torch.from_numpy(center_crop(image, self.image_size).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        pixels = torch.from_numpy(read_image(self.paths[i], self.image_size).copy()).permute(2, 0, 1)  # (3, H, W) uint8
         if self.output == "float":
             pixels = to_float(pixels)  # (3, H, W) float32 in [-1, 1]
         return pixels, int(self.labels[i])
@@ -105,6 +62,10 @@ class SyntheticConfig:
     per_class: int = 4  # images per class
     size: int = 64  # image height (widths vary from size to 1.5 size)
     seed: int = 0  # numpy seed
+
+    def validate(self):
+        check(self.out, "synthetic needs --out=DIR")
+        check(min(self.num_classes, self.per_class, self.size) > 0, "--num_classes, --per_class and --size must be > 0")
 
 
 def make_synthetic_imagefolder(root, num_classes=3, per_class=4, size=64, seed=0):
@@ -147,6 +108,12 @@ class PrepareConfig:
     num_workers: int = 8  # DataLoader processes decoding and cropping JPEGs
     device: str = ""  # "" picks cuda:LOCAL_RANK when CUDA is available, else cpu
 
+    def validate(self):
+        check(self.data_dir and self.out, "prepare needs --data_dir=IMAGEFOLDER and --out=LATENT_DIR")
+        check(self.dtype in ("float16", "float32"), f"--dtype={self.dtype}: choose float16 or float32")
+        check(self.image_size > 0 and self.image_size % 8 == 0, f"--image_size={self.image_size}: a positive multiple of 8 (the VAE downsamples 8x)")
+        check(min(self.batch, self.shard_size) > 0 and self.num_workers >= 0, "--batch and --shard_size must be > 0, --num_workers >= 0")
+
 
 def _plan(cfg, dataset, scale_factor):
     """The manifest without its progress fields: what a resumed run must agree with."""
@@ -160,20 +127,8 @@ def _plan(cfg, dataset, scale_factor):
             "shard_size": cfg.shard_size, "shards": shards}
 
 
-def _write_atomic(path, write):
-    """Write via a temporary file and os.replace: a killed run leaves the old file or none, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # a failed write leaves no temporary file behind
-            os.remove(tmp)
-
-
 def _write_manifest(out, plan, complete):
-    text = json.dumps({**plan, "complete": complete}, indent=1)
-    _write_atomic(out / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+    write_json(out / MANIFEST, {**plan, "complete": complete})
 
 
 def read_manifest(out):
@@ -205,10 +160,6 @@ def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
     latents; loaded from `cfg.vae` when None. Rank r writes the shards s with s % world_size == r and skips
     those already on disk, so a killed run restarts at its first missing shard. Rank 0 marks it complete.
     """
-    if cfg.dtype not in ("float16", "float32"):
-        raise ValueError(f"--dtype={cfg.dtype}: choose float16 or float32")
-    if not cfg.out:
-        raise ValueError("--out=DIR is required: the folder for the latent shards")
     out = Path(cfg.out)
     dataset = ImageFolder(cfg.data_dir, cfg.image_size, output="uint8")  # uint8: 4x less to copy to the GPU
     plan = _plan(cfg, dataset, getattr(vae, "scale", SD_VAE_SCALE) if vae is not None else VAEConfig().scale)
@@ -225,7 +176,7 @@ def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
         out.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             _write_manifest(out, plan, complete=False)
-    _barrier()
+    barrier()
 
     mine = range(rank, len(plan["shards"]), world_size)  # rank r owns shards r, r + world_size, ...
     todo = [s for s in mine if not (out / plan["shards"][s]["file"]).exists()]
@@ -243,7 +194,7 @@ def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             _encode_shards(cfg, plan, todo, dataset, encode, device, out, rank)
 
-    _barrier()
+    barrier()
     missing = [s["file"] for s in plan["shards"] if not (out / s["file"]).exists()]
     if rank == 0:
         if missing:  # only when ranks ran unsynchronised (no process group) and some have not finished
@@ -279,14 +230,9 @@ def _encode_shards(cfg, plan, todo, dataset, encode, device, out, rank):
         if indices[-1] == shard["start"] + shard["count"] - 1:  # last batch of shard s: write it
             latents, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).long()
             record = {"latents": latents, "labels": labels, "start": shard["start"]}
-            _write_atomic(out / shard["file"], lambda tmp: torch.save(record, tmp))
+            atomic_write(out / shard["file"], lambda f: torch.save(record, f))
             parts = []
             _log(rank, f"wrote {shard['file']} ({shard['count']} images)", every_rank=True)
-
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _log(rank, text, every_rank=False):
@@ -343,8 +289,17 @@ class LatentShardDataset(torch.utils.data.Dataset):
         shape = "x".join(map(str, self.manifest["latent_shape"][1:]))
         return f"LatentShardDataset({len(self)} latents {shape}, {self.num_classes} classes, {self.root})"
 
+    def fingerprint(self):
+        """What a checkpoint records of its data: the count, the classes, and a hash of the manifest's plan
+        (shards, VAE, scale, crop, seed): other latents of the same images are other data."""
+        plan = {k: v for k, v in self.manifest.items() if k != "complete"}
+        return fingerprint(len(self), self.manifest["classes"], json.dumps(plan, sort_keys=True))
+
     def get_batch(self, indices):
-        """(B,) indices -> (latents (B, 4, h, w) float32, labels (B,) int64): train.py's batched path."""
+        """(B,) indices -> (latents (B, 4, h, w) float32, labels (B,) int64): train.py's batched path.
+
+        The flip of each item is drawn from torch's global generator, which the training loop seeds per
+        micro-batch before calling this, so flips too are a function of (seed, step, micro-batch)."""
         indices = torch.as_tensor(indices, dtype=torch.long).cpu()
         if len(indices) and not (0 <= int(indices.min()) and int(indices.max()) < len(self)):
             raise IndexError(f"indices out of range for {len(self)} latents")
@@ -372,35 +327,53 @@ class LatentShardDataset(torch.utils.data.Dataset):
 # Command line
 
 
+@dataclass
+class ReferenceConfig:
+    data_dir: str = ""  # image folder with class subfolders
+    out: str = ""  # npz to write
+    image_size: int = 256  # ADM center crop size
+    num: int = 0  # first num images (0 = all)
+
+    def validate(self):
+        check(self.data_dir and self.out, "reference needs --data_dir=IMAGEFOLDER and --out=REF.npz")
+        check(self.num >= 0 and self.image_size > 0, "--num must be >= 0 and --image_size > 0")
+
+
+def write_reference_batch(data_dir, out, image_size=256, num=0):
+    """An ADM-style reference npz (`arr_0` uint8 N x H x W x 3, ADM's center crop) from an image folder.
+
+    For FAST runs and tests, where ADM's ImageNet reference batch is out of reach; fid.py treats both alike.
+    """
+    folder = ImageFolder(data_dir, image_size, output="uint8")
+    if num > len(folder):
+        raise ValueError(f"--num={num} but {data_dir} holds only {len(folder)} images; pass --num={len(folder)} or fewer")
+    n = num or len(folder)
+    arr = np.stack([folder[i][0].permute(1, 2, 0).numpy() for i in range(n)])  # (N, H, W, 3)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda f: np.savez(f, arr_0=arr, arr_1=folder.labels[:n]))
+    return out
+
+
+def run_prepare(cfg):
+    rank, world, _, _ = init_process()  # torchrun: one process per GPU, each encoding its own shards
+    return prepare(cfg, rank=rank, world_size=world)
+
+
+def run_synthetic(cfg):
+    make_synthetic_imagefolder(cfg.out, cfg.num_classes, cfg.per_class, cfg.size, cfg.seed)
+    print(f"wrote {cfg.num_classes * cfg.per_class} images in {cfg.num_classes} class folders under {cfg.out}")
+
+
+def run_reference(cfg):
+    write_reference_batch(cfg.data_dir, cfg.out, cfg.image_size, cfg.num)
+    print(f"wrote {cfg.out}")
+
+
 def main(argv=None):
-    keys = {name: " ".join(f"--{f.name}={f.default}" for f in dataclasses.fields(c))
-            for name, c in (("prepare", PrepareConfig), ("synthetic", SyntheticConfig))}
-    parser = argparse.ArgumentParser(prog="python -m minidiffit.imagenet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(f"{name} keys (defaults): {text}" for name, text in keys.items()))
-    parser.add_argument("command", choices=["prepare", "synthetic"])
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "synthetic":
-        cfg = parse_overrides(SyntheticConfig(), rest)
-        if not cfg.out:
-            parser.error("synthetic needs --out=DIR")
-        make_synthetic_imagefolder(cfg.out, cfg.num_classes, cfg.per_class, cfg.size, cfg.seed)
-        print(f"wrote {cfg.num_classes * cfg.per_class} images in {cfg.num_classes} class folders under {cfg.out}")
-        return
-    cfg = parse_overrides(PrepareConfig(), rest)
-    if not cfg.data_dir or not cfg.out:
-        parser.error("prepare needs --data_dir=IMAGEFOLDER and --out=LATENT_DIR")
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1:  # launched by torchrun: one process per GPU
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        prepare(cfg, rank=rank, world_size=world_size)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_command("minidiffit.imagenet", __doc__, {"prepare": (lambda a: PrepareConfig(), run_prepare),
+                                                 "synthetic": (lambda a: SyntheticConfig(), run_synthetic),
+                                                 "reference": (lambda a: ReferenceConfig(), run_reference)}, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,30 +1,26 @@
 """The latent DiffiT as a training task: ImageNet latents in, class-conditional guided samples out.
 
-Plugs `latent.LatentDiffiT`, `adm.GaussianDiffusion` and the VAE (`vae.py`) into train.py's shared loop
-as the "latent" entry of its TASKS table (DiffiT Sec. 4, App. I.2; DiT's recipe where the paper is silent),
-and gives sample.py the released checkpoints (`--weights=diffit_256.safetensors`) and ADM's npz layout
-(`arr_1` labels). Introduced in notebooks/09_imagenet256.ipynb. Command line (small helpers):
-    python -m minidiffit.latent_task reference --data_dir=IMAGES --out=REF.npz [--image_size=256]
+Plugs `latent.LatentDiffiT`, `adm.GaussianDiffusion` and the VAE (`vae.py`) into train.py's loop as
+the task "latent" (DiffiT Sec. 4, App. I.2; DiT's recipe where the paper is silent): a Config and
+build_model, loss, generate, load_data, labels, as edm_task.py. It also gives sample.py the released checkpoints (`--weights=diffit_256.safetensors`) and ADM's npz layout
+(`arr_1` labels). Introduced in notebooks/09_imagenet256.ipynb. Command line:
     python -m minidiffit.latent_task export --ckpt=runs/x/ckpt.pt --out=model.safetensors
 """
 
-import dataclasses
 import functools
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from .adm import GaussianDiffusion
-from .config import parse_overrides
-from .imagenet import MANIFEST, ImageFolder, LatentShardDataset, read_manifest
+from .config import RunConfig, check, run_command
+from .imagenet import MANIFEST, LatentShardDataset, read_manifest
 from .latent import LATENT_PRESETS, LatentDiffiT, default_guidance, load_released, save_safetensors
-from .train import Task, TrainConfig, build_from_checkpoint
+from .runtime import image_generators, load_checkpoint, seeded_noise
 from .vae import SD_VAE_SCALE, VAEConfig, load_vae
 
 DIFFUSION = GaussianDiffusion()  # the 1000-step training diffusion (linear betas; DESIGN.md Sec. 4)
@@ -35,21 +31,34 @@ REFERENCE_BATCH = 256  # DiffiT App. I.2: batch 256 at 256 px (512 at 512 px)
 # Model and loss
 
 
-def latent_config(cfg):
-    """The LatentConfig of `cfg.preset` (LATENT_PRESETS), refusing the image-space (EDM) settings."""
-    if cfg.preset not in LATENT_PRESETS:
-        raise ValueError(f"unknown preset {cfg.preset!r} for task 'latent'; choose one of {sorted(LATENT_PRESETS)}")
-    if cfg.dropout is not None:
-        raise ValueError("--dropout is an EDM U-Net setting; the latent model has none (its label dropout, "
-                         "p=0.1, is LatentConfig.class_dropout_prob): leave --dropout unset")
-    if cfg.augment_p > 0:
-        raise ValueError("--augment_p is EDM's image augmentation; the latent task uses none (the stored latents "
-                         "hold both horizontal flips): pass --augment_p=0")
-    return LATENT_PRESETS[cfg.preset]
+@dataclass
+class Config(RunConfig):
+    task: str = "latent"  # latent DiffiT trained with ADM's diffusion on stored VAE latents
+    preset: str = "XL/2"  # model preset (latent.LATENT_PRESETS): tiny, S/2, B/2, L/2, XL/2
+    # Choice: the paper gives no iteration count; 400k steps is DiT-XL/2's comparison point (its best
+    # model trained 7M). Override with --iters / --minutes.
+    iters: int = 400_000  # optimizer steps
+    batch: int = REFERENCE_BATCH  # global batch (DiffiT App. I.2: 256 at 256 px; pass --batch=512 --lr=1e-4 at 512 px)
+    lr: float = 3e-4  # AdamW (weight decay 0) learning rate, constant (DiffiT App. I.2 at 256 px; 1e-4 at 512 px)
+    # Choice: Adam with no weight decay is exactly AdamW with weight decay 0 (DiT's optimizer; the paper does not
+    # name one), with PyTorch's default betas and eps, as DiT, and no warm-up (DiT).
+    warmup_kimg: float = 0.0  # no lr warm-up (DiT)
+    # A constant EMA: beta = 0.5 ** (batch / half-life) = 0.9999 per step at batch 256. Choice: given as a
+    # half-life in images, so a different --batch keeps the same averaging horizon in images.
+    ema_halflife_kimg: float = REFERENCE_BATCH * math.log(0.5) / math.log(EMA_DECAY) / 1000  # 1774.4 = EMA 0.9999 at batch 256
+    ema_rampup: float = 0.0  # a constant EMA half-life (DiT)
+    ckpt_every: int = 10_000  # steps between checkpoints
+    grid: int = 16  # images in the sample grid written with each checkpoint (decoded by the VAE)
+    sample_steps: int = 250  # respaced ancestral steps for the grid (DiT, DiffiT)
+
+    def validate(self):
+        super().validate()
+        check(self.preset in LATENT_PRESETS or self.preset == "released",
+              f"--preset={self.preset}: unknown for task 'latent'; choose one of {sorted(LATENT_PRESETS)}")
 
 
 def build_model(cfg):
-    return LatentDiffiT(latent_config(cfg))
+    return LatentDiffiT(LATENT_PRESETS[cfg.preset])
 
 
 def loss(model, x, y, cfg):
@@ -57,7 +66,7 @@ def loss(model, x, y, cfg):
 
     x (B, 4, h, w) scaled latents, y (B,) labels -> (B,). Labels are dropped to the null class with
     p = 0.1 inside the model (training mode), which is what lets guidance use the same network.
-    Noise, t and the dropout come from the global RNG, which the loop seeds per micro-batch.
+    Noise, t and the dropout come from torch's global generator, which the loop seeds per micro-batch.
     """
     t = torch.randint(0, DIFFUSION.num_timesteps, (x.shape[0],), device=x.device)  # (B,)
     return DIFFUSION.training_losses(model, x, t, model_kwargs={"y": y})["loss"]  # (B,)
@@ -131,9 +140,8 @@ def generate(model, seeds, cfg, num_steps=250, guidance=None, channels=3, vae=No
     net = _unwrap(model)
     lcfg = net.cfg
     device = next(net.parameters()).device
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU: the same numbers on any device
-    shape = (lcfg.in_channels, lcfg.input_size, lcfg.input_size)
-    noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)  # (N, 4, h, w)
+    generators = image_generators(seeds)  # CPU: the same numbers on any device
+    noise = seeded_noise(seeds, (lcfg.in_channels, lcfg.input_size, lcfg.input_size), device, generators)  # (N, 4, h, w)
     y = class_labels(seeds, lcfg.num_classes).to(device)  # (N,)
     scale = default_guidance(lcfg) if guidance is None else guidance
     if isinstance(scale, (int, float)) and scale == 1:
@@ -157,7 +165,7 @@ def load_data(cfg):
     if not cfg.data_dir:
         raise ValueError("the latent task trains on stored VAE latents: make them with `python -m minidiffit.imagenet "
                          "prepare --data_dir=IMAGENET/train --out=LATENTS`, then pass --data_dir=LATENTS")
-    lcfg = latent_config(cfg)
+    lcfg = LATENT_PRESETS[cfg.preset]
     data = LatentShardDataset(cfg.data_dir)
     found = tuple(data.manifest["latent_shape"][1:])
     expected = (lcfg.in_channels, lcfg.input_size, lcfg.input_size)
@@ -172,85 +180,28 @@ def load_data(cfg):
 
 
 # ----------------------------------------------------------------------------
-# The task and its defaults (the command line wins)
-
-
-@dataclass
-class LatentTask(Task):
-    labels: Callable = labels  # (model, seeds, cfg) -> (N,) int64 class of each image; sample.py's arr_1
-
-
-DEFAULTS = {
-    "preset": "XL/2",
-    "data": "latents",  # Choice: a label only; the latent task reads --data_dir (LatentShardDataset)
-    # Choice: the paper gives no iteration count; 400k steps is DiT-XL/2's comparison point (its best
-    # model trained 7M). Override with --iters / --minutes.
-    "iters": 400_000,
-    "batch": REFERENCE_BATCH,  # DiffiT App. I.2 at 256 px; pass --batch=512 --lr=1e-4 at 512 px
-    "lr": 3e-4,  # DiffiT App. I.2 at 256 px (1e-4 at 512 px)
-    # Choice: Adam with no weight decay is exactly AdamW with weight decay 0 (DiT's optimizer; the paper
-    # does not name one), with PyTorch's default betas and eps, as DiT.
-    "betas": (0.9, 0.999),
-    "eps": 1e-8,
-    "warmup_kimg": 0,  # no warm-up (DiT)
-    # A constant EMA: beta = 0.5 ** (batch / half-life) = 0.9999 per step at batch 256. Choice: given as a
-    # half-life in images, so a different --batch keeps the same averaging horizon in images.
-    "ema_halflife_kimg": REFERENCE_BATCH * math.log(0.5) / math.log(EMA_DECAY) / 1000,  # 1774.4
-    "ema_rampup": 0.0,
-    "augment_p": 0.0,  # no augmentation besides the stored flips (DiT)
-    "ckpt_every": 10_000,
-    "grid": 16,
-    "sample_steps": 250,
-}
-
-TASK = LatentTask(build_model=build_model, loss=loss, generate=generate, load_data=load_data, defaults=DEFAULTS)
-
-
-# ----------------------------------------------------------------------------
 # Released weights, export, reference batches
 
 
 def released_model(path, device="cpu"):
-    """(model, TrainConfig) for a released `diffit_256.safetensors` (or an `export`ed file): sample.py --weights."""
+    """(model, Config) for a released `diffit_256.safetensors` (or an `export`ed file): sample.py --weights."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no weights at {path}; download diffit_256.safetensors (or diffit_512) from "
                                 "https://huggingface.co/nvidia/DiffiT and pass its path")
     model = load_released(path, device=device).requires_grad_(False)
     # preset is a label here: generate reads the architecture off the model, the VAE from vae_source.
-    return model, TrainConfig(task="latent", preset="released", data=str(path), data_dir=None, augment_p=0.0, grid=0,
-                              sample_steps=DEFAULTS["sample_steps"])
+    return model, Config(preset="released", grid=0)
 
 
 def export(ckpt, out, use_ema=True):
     """A training checkpoint's (EMA) weights -> a safetensors file in the release's layout."""
-    model, cfg, _ = build_from_checkpoint(ckpt, use_ema=use_ema)
-    if cfg.task != "latent":
-        raise ValueError(f"{ckpt} is a {cfg.task!r} run; export takes latent DiffiT checkpoints")
+    saved = load_checkpoint(ckpt)
+    if saved["config"].get("task") != "latent":
+        raise ValueError(f"{ckpt} is a {saved['config'].get('task')!r} run; export takes latent DiffiT checkpoints")
+    model = LatentDiffiT(LATENT_PRESETS[saved["config"]["preset"]])
+    model.load_state_dict(saved["ema" if use_ema else "model"])
     save_safetensors(model, out)
     return out
-
-
-def write_reference_batch(data_dir, out, image_size=256, num=0):
-    """An ADM-style reference npz (`arr_0` uint8 N x H x W x 3, ADM's center crop) from an image folder.
-
-    For FAST runs and tests, where ADM's ImageNet reference batch is out of reach; fid.py treats both alike.
-    """
-    folder = ImageFolder(data_dir, image_size, output="uint8")
-    if num > len(folder):
-        raise ValueError(f"--num={num} but {data_dir} holds only {len(folder)} images; pass --num={len(folder)} or fewer")
-    n = num or len(folder)
-    arr = np.stack([folder[i][0].permute(1, 2, 0).numpy() for i in range(n)])  # (N, H, W, 3)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, arr_0=arr, arr_1=folder.labels[:n])
-    return out
-
-
-@dataclass
-class ReferenceConfig:
-    data_dir: str = ""  # image folder with class subfolders
-    out: str = ""  # npz to write
-    image_size: int = 256  # ADM center crop size
-    num: int = 0  # first num images (0 = all)
 
 
 @dataclass
@@ -259,29 +210,14 @@ class ExportConfig:
     out: str = ""  # .safetensors file to write
     ema: bool = True  # the EMA weights (False: the raw weights)
 
+    def validate(self):
+        check(self.ckpt and self.out.endswith(".safetensors"), "export needs --ckpt=runs/x/ckpt.pt and --out=FILE.safetensors")
+
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"reference": ReferenceConfig, "export": ExportConfig}
-    if not argv or argv[0] not in commands:
-        print(__doc__)
-        for name, c in commands.items():
-            print(f"{name} keys: " + " ".join(f"--{f.name}={f.default!r}" for f in dataclasses.fields(c)))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    try:
-        cfg = parse_overrides(commands[argv[0]](), argv[1:])
-        if not cfg.out or not (cfg.data_dir if argv[0] == "reference" else cfg.ckpt):
-            raise ValueError(f"{argv[0]} needs --out and --{'data_dir' if argv[0] == 'reference' else 'ckpt'}")
-        if argv[0] == "reference":
-            write_reference_batch(cfg.data_dir, cfg.out, cfg.image_size, cfg.num)
-        else:
-            export(cfg.ckpt, cfg.out, cfg.ema)
-        print(f"wrote {cfg.out}")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"minidiffit.latent_task: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    run_command("minidiffit.latent_task", __doc__,
+                {"export": (lambda a: ExportConfig(), lambda c: print(f"wrote {export(c.ckpt, c.out, c.ema)}"))}, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

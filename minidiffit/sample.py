@@ -4,13 +4,14 @@
     torchrun --nproc_per_node=8 -m minidiffit.sample --ckpt=... --num_samples=50000 --out=samples.npz
     torchrun --nproc_per_node=8 -m minidiffit.sample --weights=diffit_256.safetensors --steps=250 --out=samples.npz
 
---out is a directory (PNGs 00000.png ..., resumable: existing files are skipped), a .npz (`arr_0`
-uint8 N x H x W x C, the layout FID tools read) or a .png (one grid). Ranks take strided indices.
-The sampler is the training task's (EDM Heun, EDM Algorithm 1, for "edm"). Notebook 05 uses it.
+--out is a directory (PNGs 00000.png ..., resumable: existing files are skipped; its `source.json` binds it
+to the checkpoint and settings that made it, so another model cannot continue it), a .npz (`arr_0` uint8
+N x H x W x C, the layout FID tools read) or a .png (one grid); an existing .npz or .png is replaced only
+with --overwrite=true. Ranks take strided indices. The sampler is the training task's (EDM Heun, EDM
+Algorithm 1, for "edm"; guided ancestral sampling for "latent"). Notebook 05 uses it.
 """
 
-import os
-import sys
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import parse_overrides, run_command
+from .config import check, run_command
 from .data import to_float, to_uint8
-from .train import build_from_checkpoint, get_task, init_process, save_grid
+from .runtime import atomic_write, barrier, init_process, save_grid, save_png, write_json
+from .tasks import build_from_checkpoint, get_task
 
 
 @dataclass
@@ -33,6 +35,17 @@ class SampleConfig:
     batch: int = 256  # images per forward pass on one rank
     ema: bool = True  # sample the EMA weights (as EDM and the paper evaluate); False: the raw weights
     weights: str = ""  # instead of --ckpt: released latent DiffiT weights (diffit_256.safetensors, nvidia/DiffiT)
+    # Choice: "" rounds (ours, EDM's) for a --ckpt and truncates for --weights, the cast the released
+    # sample.py applies; half a grey level moves FID, so the released numbers are reproduced with theirs.
+    quantize: str = ""  # float -> uint8: round, truncate, or "" (round; truncate for --weights)
+    overwrite: bool = False  # replace an existing .npz / .png output (a PNG folder is resumed, never replaced)
+
+    def validate(self):
+        check(bool(self.ckpt) != bool(self.weights), "pass one of --ckpt=<runs/x/ckpt.pt> or --weights=<released .safetensors>")
+        check(self.num_samples > 0 and self.batch > 0 and self.steps >= 0, "--num_samples and --batch must be > 0, --steps >= 0")
+        check(self.quantize in ("", "round", "truncate"), f"--quantize={self.quantize}: choose round or truncate")
+        check(Path(self.out).suffix.lower() in ("", ".npz", ".png"),
+              f"--out={self.out}: write a folder (PNGs), a .npz or a .png grid")
 
 
 def generate_images(model, cfg, indices, steps=18, batch=256):
@@ -51,86 +64,95 @@ def png_name(i):
 
 def _part_path(out, rank, world):
     """Where rank `rank` of `world` leaves its images for rank 0 to merge into the .npz `out`."""
-    return out.with_name(f"{out.name}.part{rank}of{world}.npy")
+    return out.with_name(f".{out.name}.part{rank}of{world}.npy")
+
+
+def _bind_folder(out, source):
+    """A PNG folder is continued only by the model and settings that began it (recorded in source.json)."""
+    path = out / "source.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != source:
+            diff = ", ".join(f"{k}: {old.get(k)!r} there vs {source.get(k)!r} now" for k in source if old.get(k) != source[k])
+            raise ValueError(f"{out} holds samples of another model or settings ({diff}); pass another --out, "
+                             f"or delete the folder to start again")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(path, source)
 
 
 def sample(scfg, log=None):
     rank, world, device, log = init_process(log)
     out = Path(scfg.out)
-    kind = "npz" if out.suffix == ".npz" else "grid" if out.suffix == ".png" else "dir"
+    kind = {".npz": "npz", ".png": "grid"}.get(out.suffix.lower(), "dir")
     if kind == "grid" and world > 1:  # checked before loading and sampling, not after all the images are made
         raise ValueError("a .png grid is a single-process output; run without torchrun or use a directory/.npz")
+    if kind != "dir" and out.exists() and not scfg.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite=true to replace it, or another --out")
     if scfg.weights:  # a released checkpoint: the latent task without a training run (latent_task.py)
         from .latent_task import released_model
 
         model, cfg = released_model(scfg.weights, device)
-        source = f"released weights {scfg.weights}"
-    elif not scfg.ckpt:
-        raise ValueError("pass --ckpt=<runs/x/ckpt.pt> (or --weights=<released .safetensors>)")
+        source = {"weights": str(Path(scfg.weights).resolve())}
     else:
         model, cfg, ckpt = build_from_checkpoint(scfg.ckpt, use_ema=scfg.ema, device=device)
-        source = f"{'EMA' if scfg.ema else 'raw'} weights of {scfg.ckpt}, step {ckpt['step']}"
+        source = {"ckpt": str(Path(scfg.ckpt).resolve()), "step": ckpt["step"], "ema": scfg.ema}
     steps = scfg.steps or cfg.sample_steps
+    quantize = scfg.quantize or ("truncate" if scfg.weights else "round")
+    source.update(steps=steps, quantize=quantize)
     mine = list(range(rank, scfg.num_samples, world))  # strided: rank r makes images r, r + world, ...
     if kind == "dir":
-        out.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            _bind_folder(out, source)
+        barrier()
         mine = [i for i in mine if not (out / png_name(i)).exists()]  # resume: skip what is there
-    log(f"sampling {scfg.num_samples} images ({source}), "
-        f"{steps} steps, batch {scfg.batch} x {world} ranks -> {out}")
+    log(f"sampling {scfg.num_samples} images ({source}), batch {scfg.batch} x {world} ranks -> {out}")
     if kind == "dir" and rank == 0:
         log(f"  rank 0 has {len(mine)} images to make (existing PNGs are skipped)")
     chunks = []  # npz / grid: uint8 batches, so 50k ImageNet images stay ~10 GB rather than ~40 GB of floats
     for start in range(0, len(mine), scfg.batch):
         idx = mine[start:start + scfg.batch]
-        x = to_uint8(generate_images(model, cfg, idx, steps, scfg.batch))  # (b, C, H, W) uint8
+        x = to_uint8(generate_images(model, cfg, idx, steps, scfg.batch), quantize)  # (b, C, H, W) uint8
         if kind == "dir":
             for i, arr in zip(idx, x.permute(0, 2, 3, 1).numpy()):
-                _save_png(arr, out / png_name(i))
+                save_png(arr, out / png_name(i))
         else:
             chunks.append(x)
         log(f"  {start + len(idx)}/{len(mine)} images on rank 0")
-    if kind != "dir":
-        # A rank with no images (--num_samples < ranks) saves an empty (0, 1, 1, 1) part; it broadcasts into the merge.
-        x = torch.cat(chunks) if chunks else torch.zeros(0, 1, 1, 1, dtype=torch.uint8)  # (n, C, H, W)
-        if kind == "grid":
-            save_grid(to_float(x), out)
-        else:
-            part = _part_path(out, rank, world)
-            np.save(part, x.permute(0, 2, 3, 1).numpy())  # (n, H, W, C)
-            if world > 1:
-                dist.barrier()
-            if rank == 0:
-                parts = [_part_path(out, r, world) for r in range(world)]
-                arrays = [np.load(p) for p in parts]
-                arr = np.empty((scfg.num_samples,) + arrays[0].shape[1:], dtype=np.uint8)
-                for r, a in enumerate(arrays):
-                    arr[r::world] = a  # undo the striding: image i at row i
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(out.name + ".tmp.npz")
-                # ADM's layout: class-conditional tasks also store each image's label as arr_1
-                label_fn = getattr(get_task(cfg.task), "labels", None)
-                extra = {"arr_1": np.asarray(label_fn(model, np.arange(scfg.num_samples), cfg))} if label_fn else {}
-                np.savez(tmp, arr_0=arr, **extra)
-                os.replace(tmp, out)
-                for p in parts:
-                    p.unlink()
-    if world > 1:
-        dist.barrier()
+    if kind == "grid":
+        save_grid(to_float(torch.cat(chunks)), out)
+    elif kind == "npz":
+        _write_npz(out, chunks, rank, world, scfg.num_samples, get_task(cfg.task), model, cfg)
+    barrier()
     log(f"wrote {out}")
     return out
 
 
-def _save_png(arr, path):
-    from PIL import Image
-
-    tmp = path.with_name(path.name + ".tmp.png")  # a killed run never leaves a half-written PNG behind
-    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp)
-    os.replace(tmp, path)
+def _write_npz(out, chunks, rank, world, num, task, model, cfg):
+    """Each rank leaves its (strided) images in a part file; rank 0 merges them into one npz, image i at row i."""
+    # A rank with no images (--num_samples < ranks) saves an empty (0, 1, 1, 1) part; it broadcasts into the merge.
+    x = torch.cat(chunks) if chunks else torch.zeros(0, 1, 1, 1, dtype=torch.uint8)  # (n, C, H, W)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = _part_path(out, rank, world)
+    atomic_write(part, lambda f: np.save(f, x.permute(0, 2, 3, 1).numpy()))  # (n, H, W, C)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        parts = [_part_path(out, r, world) for r in range(world)]
+        arrays = [np.load(p) for p in parts]
+        arr = np.empty((num,) + arrays[0].shape[1:], dtype=np.uint8)
+        for r, a in enumerate(arrays):
+            arr[r::world] = a  # undo the striding: image i at row i
+        # ADM's layout: class-conditional tasks also store each image's label as arr_1
+        labels = getattr(task, "labels", None)
+        extra = {"arr_1": np.asarray(labels(model, np.arange(num), cfg))} if labels else {}
+        atomic_write(out, lambda f: np.savez(f, arr_0=arr, **extra))
+        for p in parts:
+            p.unlink()
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    run_command("minidiffit.sample", __doc__, SampleConfig, lambda a: sample(parse_overrides(SampleConfig(), a)), argv)
+    run_command("minidiffit.sample", __doc__, {"": (lambda a: SampleConfig(), sample)}, argv)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,24 @@
-"""The training loop: EDM's recipe for the image-space DiffiT (DiffiT Sec. 4.1, App. I.1; EDM App. F.1).
+"""The training loop: EDM's recipe for the image-space DiffiT, DiT's for the latent one (DiffiT Sec. 4, App. I).
 
     python -m minidiffit.train --preset=small --data=cifar10 --out=runs/x [--key=value ...]
+    python -m minidiffit.train --task=latent --help
     torchrun --nproc_per_node=8 -m minidiffit.train --preset=cifar10 --data=cifar10 --out=runs/cifar10
 
-One loop for every model: what differs between models (build it, its per-sample loss, how it samples)
-sits in a `Task` in the `TASKS` table, keyed by `--task` (see "Adding a task" below). Adam with lr
-warm-up, an EMA with EDM's half-life ramp, DDP through torchrun, atomic checkpoints and exact resume.
-Introduced in notebooks/05_train_cifar10.ipynb.
+One loop for every task (tasks.py: edm, latent), in three named steps that notebook 05 calls one by one:
+`setup` (build or resume), `train_step` (one optimizer step: accumulation, Adam, EMA) and `save_state`
+(grid, log line, atomic checkpoint). Adam with lr warm-up, an EMA with EDM's half-life ramp, DDP through
+torchrun, exact resume, divergence stops. Introduced in notebooks/05_train_cifar10.ipynb.
 """
 
 import contextlib
 import copy
 import dataclasses
-import importlib
 import json
 import math
-import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,85 +26,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import parse_overrides, run_command
-from .data import to_uint8
-
-
-@dataclass
-class TrainConfig:
-    task: str = "edm"  # which entry of TASKS builds the model, computes the loss and samples
-    preset: str = "small"  # model preset (UNET_PRESETS for "edm"): tiny, small, cifar10, ffhq64
-    dropout: float | None = None  # overrides the preset's dropout when set (None: the preset's value)
-    data: str = "cifar10"  # dataset: cifar10 (torchvision download or an image folder copy), folder, synthetic
-    data_dir: str | None = None  # dataset root: an ImageFolder, or torchvision's cache (default ~/.cache/minidiffit)
-    num_data: int = 1024  # size of the synthetic dataset (--data=synthetic only)
-    out: str = "runs/train"  # run directory: ckpt.pt, metrics.jsonl, grid_*.png
-    iters: int = 200_000  # optimizer steps to train for (DiffiT App. I.1: 200k on CIFAR-10)
-    minutes: float = 0.0  # wall-clock budget summed over resumes; stops cleanly with a checkpoint (0 = none)
-    batch: int = 512  # global batch, split across ranks and accumulation rounds (EDM CIFAR-10: 512)
-    accum: int = 1  # gradient accumulation rounds per step (a smaller per-GPU batch, same step)
-    lr: float = 1e-3  # Adam learning rate after warm-up (EDM CIFAR-10: 1e-3; FFHQ-64: 2e-4)
-    betas: tuple = (0.9, 0.999)  # Adam betas (EDM)
-    eps: float = 1e-8  # Adam epsilon (EDM)
-    warmup_kimg: float = 10_000  # linear lr warm-up over this many thousand images (EDM: 10 Mimg)
-    ema_halflife_kimg: float = 500  # EMA half-life in thousands of images (EDM: 0.5 Mimg)
-    ema_rampup: float = 0.05  # EMA half-life is at most this fraction of the images seen so far (EDM; 0 = no ramp)
-    augment_p: float = 0.12  # EDM non-leaky augmentation probability (CIFAR-10: 0.12; 0 = off)
-    seed: int = 0  # seeds the model init, the data order and every batch's noise
-    ckpt_every: int = 5000  # steps between checkpoints (one is also written at the end)
-    log_every: int = 100  # steps between progress lines
-    grid: int = 64  # images in the sample grid written with each checkpoint (0 = no grid)
-    sample_steps: int = 18  # Heun steps for the grid (18 = 35 network evaluations, EDM CIFAR-10)
-    bf16: bool = True  # bf16 autocast (CUDA only; CPU always trains in float32)
-    compile: bool = True  # torch.compile the training model (CUDA only)
-
-
-# Settings that may change when a run resumes: how long, how often, where, how fast. Every other field
-# defines the run; a checkpoint made with a different value is refused (see check_resumable).
-RESUMABLE_KEYS = ("out", "data_dir", "iters", "minutes", "accum", "ckpt_every", "log_every", "grid", "sample_steps", "bf16", "compile")
-
-
-# ----------------------------------------------------------------------------
-# Tasks: the model-specific parts. Adding a task ("latent", ...) adds a Task; the loop stays as it is.
-#
-#   build_model(cfg) -> nn.Module                 the module trained and averaged (EMA), on the CPU
-#   loss(model, x, y, cfg) -> (B,)                per-sample loss on a batch; model may be DDP/compiled
-#   generate(model, seeds, cfg, steps) -> (N,C,H,W) float in [-1, 1]; image i from seed seeds[i] only
-#   load_data(cfg) -> dataset with get_batch(indices) -> (x, y) (or __getitem__ -> (x, y))
-#   defaults: {field: value} TrainConfig defaults for this task (lr, batch, ...); the command line wins
-#
-# The loop seeds torch's global RNG per micro-batch before calling loss(), so a task draws its noise
-# from the global RNG (no generator argument) and stays resumable and rank-count independent.
-# Register with TASKS["name"] = lambda: <module>.TASK (lazy, so importing train.py stays light).
-
-
-@dataclass
-class Task:
-    build_model: Callable  # (cfg) -> nn.Module
-    loss: Callable  # (model, x (B,...), y (B,), cfg) -> (B,) per-sample loss
-    generate: Callable  # (model, seeds (N,) int64, cfg, num_steps) -> (N, C, H, W) float in [-1, 1]
-    load_data: Callable  # (cfg) -> dataset
-    defaults: dict = dataclasses.field(default_factory=dict)  # TrainConfig values this task starts from
-
-
-def seeded_noise(seeds, shape, device="cpu"):
-    """Image i's initial noise from its own generator seeded with seeds[i] (EDM's per-image seeds).
-
-    Drawn on the CPU, so a seed gives the same image on any device, batch size or rank.
-    """
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
-
-
-TASKS = {
-    "edm": lambda: importlib.import_module(f"{__package__}.edm_task").TASK,  # image-space DiffiT, EDM (CIFAR-10, FFHQ-64)
-    "latent": lambda: importlib.import_module(f"{__package__}.latent_task").TASK,  # latent DiffiT, ImageNet (ADM diffusion)
-}
-
-
-def get_task(name):
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    return TASKS[name]()
-
+from .runtime import (check_resumable, check_same_data, derive_seed, finite, init_process, load_checkpoint, save_checkpoint,
+                      save_grid)
+from .tasks import get_task, task_config
 
 # ----------------------------------------------------------------------------
 # The schedule: lr warm-up and EMA (EDM training_loop, written from its formulas)
@@ -155,7 +76,7 @@ class DataOrder:
 
     def permutation(self, epoch):
         if epoch not in self._cache:
-            self._cache = {epoch: torch.randperm(self.num, generator=torch.Generator().manual_seed(_derive_seed(self.seed, 1, epoch)))}
+            self._cache = {epoch: torch.randperm(self.num, generator=torch.Generator().manual_seed(derive_seed(self.seed, 1, epoch)))}
         return self._cache[epoch]
 
     def batch(self, step, batch):  # -> (batch,) int64 dataset indices
@@ -167,15 +88,6 @@ class DataOrder:
             start, batch = start + take, batch - take
         return torch.cat(parts)
 
-    def state(self, step, batch):
-        epoch, position = divmod(step * batch, self.num)
-        return {"epoch": epoch, "position": position, "seed": self.seed, "num": self.num}
-
-
-def _derive_seed(*words):
-    """Independent 63-bit seeds from tuples of ints (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
 
 def get_batch(data, indices):
     if hasattr(data, "get_batch"):
@@ -185,111 +97,174 @@ def get_batch(data, indices):
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints: atomic, complete, refused when they belong to another run
+# The three steps
 
 
-def rng_states():
-    # Saved and restored for completeness; exactness does not depend on them, because the loop reseeds
-    # torch per micro-batch and the data order is a function of (seed, epoch).
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(), "python": random.getstate()}
+class Diverged(ValueError):
+    """The loss or the weights stopped being finite: the run stops, its last checkpoint is its last good one."""
 
 
-def set_rng_states(s):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+    cfg: object  # the task's Config
+    task: object  # the task module (edm_task, latent_task)
+    model: nn.Module  # the weights the optimizer updates
+    ema: nn.Module  # their exponential moving average (what is sampled and evaluated)
+    optimizer: torch.optim.Optimizer
+    data: object  # the dataset (get_batch(indices) -> (x, y))
+    step: int = 0  # optimizer steps taken
+    elapsed: float = 0.0  # training seconds, summed over resumes
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    train_model: nn.Module = None  # model, maybe wrapped in DDP and torch.compile
+    log: object = print
+    bad_steps: int = 0  # steps in a row with a non-finite loss
+
+    @property
+    def out(self):
+        return Path(self.cfg.out)
+
+    @property
+    def micro(self):  # images per forward pass on one rank
+        return self.cfg.batch // (self.world * self.cfg.accum)
 
 
-def save_checkpoint(obj, path):
-    """torch.save to path.tmp, then os.replace: a crash mid-write leaves the previous checkpoint whole."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _rng_states():
+    # Saved for completeness; exactness does not depend on them, because the loop reseeds torch per
+    # micro-batch and the data order is a function of (seed, epoch).
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
-def load_checkpoint(path, map_location="cpu"):
-    # weights_only=False: our own files hold numpy/python RNG states and a config dict, not just tensors.
-    return torch.load(path, map_location=map_location, weights_only=False)
+def setup(cfg, log=None):
+    """Build the run of `cfg` (task, model, EMA, optimizer, data), resuming cfg.out/ckpt.pt when it exists.
+
+    Refuses a checkpoint of another run (other settings, or other data: its fingerprint), before any work."""
+    task = get_task(cfg.task)
+    rank, world, device, log = init_process(log)
+    cuda = device.type == "cuda"
+    if cfg.batch % (world * cfg.accum):
+        raise ValueError(f"--batch={cfg.batch} must divide into {world} ranks x {cfg.accum} accumulation rounds")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = task.build_model(cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=cuda)
+    data = task.load_data(cfg)
+    run = Run(cfg, task, model, ema, optimizer, data, rank=rank, world=world, device=device, log=log)
+    path = run.out / "ckpt.pt"
+    if path.exists():
+        ckpt = load_checkpoint(path)
+        check_resumable(ckpt["config"], cfg, path)
+        check_same_data(ckpt.get("data"), data.fingerprint(), path)
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {path} does not fit the model built from the same settings (has the model "
+                             f"code changed?): {str(e).splitlines()[0][:200]}") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        run.step, run.elapsed = ckpt["step"], ckpt["elapsed_s"]
+        if rank == 0:
+            _truncate_metrics(run.out / "metrics.jsonl", run.step)
+        log(f"resumed {path} at step {run.step} ({run.step * cfg.batch / 1000:.1f} kimg, {_fmt_time(run.elapsed)} trained)")
+    if cuda and hasattr(data, "images") and data.images.numel() < 2**31:
+        # Choice: small datasets live on the GPU as uint8, so a batch is one gather, no loader workers.
+        data.images, data.labels = data.images.to(device), data.labels.to(device)
+    run.train_model = model
+    if world > 1:
+        run.train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if cfg.compile and cuda:
+        run.train_model = torch.compile(run.train_model)
+    return run
 
 
-def config_from_dict(d):
-    """TrainConfig from a checkpoint's config dict (tuples come back as lists from some writers)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+def train_step(run, order):
+    """One optimizer step on the global batch `order.batch(step)`; returns its mean loss (all ranks).
 
-
-def check_resumable(saved, cfg, path):
-    """Refuse a checkpoint that was made with different run-defining settings."""
-    saved = dataclasses.asdict(config_from_dict(saved))
-    ours = dataclasses.asdict(cfg)
-    diff = [k for k in ours if k not in RESUMABLE_KEYS and saved.get(k) != ours[k]]
-    if diff:
-        what = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {ours[k]!r}" for k in diff)
-        raise ValueError(f"checkpoint {path} belongs to a different run ({what}). Pass the same settings to resume it, "
-                         f"or --out=<a new directory> to start a new run.")
-
-
-def build_from_checkpoint(path, use_ema=True, device="cpu"):
-    """(model with the EMA (or raw) weights, TrainConfig, checkpoint) from a ckpt.pt; sample.py uses it."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python -m minidiffit.train --out=<dir>` (it writes <dir>/ckpt.pt)")
-    ckpt = load_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"])
-    model = get_task(cfg.task).build_model(cfg)
-    model.load_state_dict(ckpt["ema" if use_ema else "model"])
-    return model.to(device).eval().requires_grad_(False), cfg, ckpt
-
-
-def save_grid(images, path, nrow=None):
-    """float images (N, C, H, W) in [-1, 1] -> one PNG grid (uint8 as saved samples are)."""
-    from PIL import Image
-
-    x = to_uint8(images.cpu())  # (N, C, H, W)
-    N, C, H, W = x.shape
-    nrow = nrow or math.ceil(math.sqrt(N))
-    rows = math.ceil(N / nrow)
-    canvas = torch.zeros(C, rows * H, nrow * W, dtype=torch.uint8)
-    for i in range(N):
-        r, c = divmod(i, nrow)
-        canvas[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
-    arr = canvas.permute(1, 2, 0).numpy()
-    Image.fromarray(arr[..., 0] if C == 1 else arr).save(path)
-
-
-# ----------------------------------------------------------------------------
-# The loop
-
-
-def init_process(log=None):
-    """(rank, world size, device, log) of this process, for train and sample alike.
-
-    Reads torchrun's environment ((0, 1) without it), joins the process group when there are several
-    ranks (NCCL on CUDA, gloo on the CPU) and turns on TF32 on CUDA. `log` becomes a no-op on ranks > 0
-    (only rank 0 talks) and `print` when None.
+    # Choice: every random draw of a micro-batch (the dataset's flips, noise, sigma or t, augmentation,
+    # dropout) comes from torch's generator seeded by (seed, step, micro-batch) only, so a resumed run is
+    # bit-identical and N ranks equal one rank accumulating N micro-batches.
     """
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    if world > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:  # Choice: TF32 matmuls/convs; DESIGN.md Sec. 6 speed settings, CUDA only
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if rank != 0:
-        log = lambda *a: None  # noqa: E731
-    elif log is None:
-        log = lambda *a: print(*a, flush=True)  # noqa: E731
-    return rank, world, device, log
+    cfg, micro = run.cfg, run.micro
+    cur_nimg = run.step * cfg.batch  # images seen before this step: EDM sets lr and EMA from it (lr = 0 at step 0)
+    for g in run.optimizer.param_groups:
+        g["lr"] = learning_rate(cfg, cur_nimg)
+    indices = order.batch(run.step, cfg.batch)  # (batch,) the global batch, identical on every rank
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.bf16 and run.device.type == "cuda") else contextlib.nullcontext()
+    step_loss = torch.zeros((), device=run.device)
+    for a in range(cfg.accum):
+        j = run.rank * cfg.accum + a  # this micro-batch's place in the global batch
+        torch.manual_seed(derive_seed(cfg.seed, 2, run.step, j))
+        x, y = get_batch(run.data, indices[j * micro:(j + 1) * micro])
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        sync = contextlib.nullcontext() if (run.world == 1 or a == cfg.accum - 1) else run.train_model.no_sync()
+        with sync:
+            with autocast:
+                loss = run.task.loss(run.train_model, x, y, cfg)  # (micro,)
+            # mean over this rank's images; DDP then averages the ranks -> mean over the global batch
+            (loss.float().sum() / (micro * cfg.accum)).backward()
+        step_loss += loss.detach().float().sum()
+    for p in run.model.parameters():
+        if p.grad is not None:  # EDM: a rare inf/nan gradient is zeroed rather than poisoning Adam
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    ema_update(run.ema, run.model, ema_beta(cur_nimg, cfg.batch, cfg.ema_halflife_kimg, cfg.ema_rampup))
+    run.step += 1
+    if run.world > 1:
+        dist.all_reduce(step_loss)
+    loss_value = float(step_loss) / cfg.batch
+    run.bad_steps = 0 if math.isfinite(loss_value) else run.bad_steps + 1
+    if run.bad_steps >= cfg.max_bad_steps:
+        raise Diverged(f"the loss was not finite for {run.bad_steps} steps in a row (step {run.step}): the run diverged "
+                       f"(is --lr={cfg.lr:g} too high?). {_last_good(run)}")
+    return loss_value
+
+
+def _last_good(run):
+    path = run.out / "ckpt.pt"
+    if path.exists():
+        return (f"The last good checkpoint, {path}, is kept as it was: start a new run from scratch with other settings "
+                f"(--out=<a new directory>)")
+    return "No checkpoint was written."
+
+
+def _all_finite(module):
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def save_state(run, record):
+    """Write the grid, the metrics line and then the checkpoint (rank 0; atomic; never a non-finite one).
+
+    The log line goes first: a kill between the two leaves a line for a step the checkpoint has not reached,
+    which the resumed run drops (_truncate_metrics) and writes again, identical, when it gets there."""
+    if not (_all_finite(run.model) and _all_finite(run.ema)):
+        raise Diverged(f"the weights are no longer finite at step {run.step}: the run diverged (is --lr={run.cfg.lr:g} "
+                       f"too high?). {_last_good(run)}")
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        if run.cfg.grid > 0:
+            with torch.random.fork_rng(devices=[]):  # sampling must not disturb anything the loop uses
+                images = run.task.generate(run.ema, torch.arange(run.cfg.grid), run.cfg, run.cfg.sample_steps)
+            record["grid"] = str(run.out / f"grid_{run.step:07d}.png")
+            save_grid(images, record["grid"])
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        save_checkpoint({"model": run.model.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),
+                         "step": run.step, "elapsed_s": run.elapsed, "config": dataclasses.asdict(run.cfg),
+                         "data": run.data.fingerprint(), "rng": _rng_states()}, run.out / "ckpt.pt")
+    if run.world > 1:
+        dist.barrier()
+
+
+def _truncate_metrics(path, step):
+    """Drop the log lines of steps after `step` (written before a checkpoint that a kill then prevented)."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            path.write_text("".join(kept))
 
 
 def _fmt_time(s):
@@ -297,144 +272,71 @@ def _fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+# ----------------------------------------------------------------------------
+# The loop
+
+
 def train(cfg, log=None):
     """Train (or resume) the run in cfg.out until cfg.iters steps or cfg.minutes; returns the final step."""
-    task = get_task(cfg.task)
-    rank, world, device, log = init_process(log)
-    cuda = device.type == "cuda"
-    if cfg.batch % (world * cfg.accum):
-        raise ValueError(f"--batch={cfg.batch} must divide into {world} ranks x {cfg.accum} accumulation rounds")
-    micro = cfg.batch // (world * cfg.accum)  # images per forward pass on one rank
-
-    out = Path(cfg.out)
-    ckpt_path = out / "ckpt.pt"
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = task.build_model(cfg).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cuda)
-    step, elapsed = 0, 0.0
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        check_resumable(ckpt["config"], cfg, ckpt_path)
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-        except RuntimeError as e:
-            raise ValueError(f"checkpoint {ckpt_path} does not fit the model built from the same settings (has the model code changed?): {str(e)[:300]}") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, elapsed = ckpt["step"], ckpt["elapsed_s"]
-        set_rng_states(ckpt["rng"])
-        log(f"resumed {ckpt_path} at step {step} ({step * cfg.batch / 1000:.1f} kimg, {_fmt_time(elapsed)} trained)")
+    run = setup(cfg, log)
+    log = run.log
     # Choice: --minutes is a budget for the whole run, summed over resumes (saved as elapsed_s), so a killed
     # 30-minute run that is restarted trains for what is left, and rerunning a finished one does nothing.
     budget = cfg.minutes * 60 if cfg.minutes > 0 else math.inf
 
     def finished():
-        return step >= cfg.iters or elapsed >= budget
+        return run.step >= cfg.iters or run.elapsed >= budget
 
     if finished():
-        log(f"{out}: already done (step {step}/{cfg.iters}, {_fmt_time(elapsed)} of budget {cfg.minutes:g} min); nothing to do")
-        return step
-
-    data = task.load_data(cfg)
-    if cuda and hasattr(data, "images") and data.images.numel() < 2**31:
-        # Choice: small datasets live on the GPU as uint8, so a batch is one gather, no loader workers.
-        data.images, data.labels = data.images.to(device), data.labels.to(device)
-    order = DataOrder(len(data), cfg.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"task {cfg.task}, preset {cfg.preset} ({n_params / 1e6:.2f}M params), data {data}, device {device} x {world}, "
-        f"batch {cfg.batch} = {world} ranks x {cfg.accum} rounds x {micro}, bf16 {cfg.bf16 and cuda}, compile {cfg.compile and cuda}")
-
-    train_model = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    if cfg.compile and cuda:
-        train_model = torch.compile(train_model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.bf16 and cuda) else contextlib.nullcontext()
-
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time() - elapsed  # so that time.time() - t_start is the training time summed over resumes
-    t_log, step_log, loss_sum, loss_n, ckpt_loss, ckpt_n = time.time(), step, 0.0, 0, 0.0, 0
+        log(f"{run.out}: already done (step {run.step}/{cfg.iters}, {_fmt_time(run.elapsed)} of budget {cfg.minutes:g} min); nothing to do")
+        return run.step
+    order = DataOrder(len(run.data), cfg.seed)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    cuda = run.device.type == "cuda"
+    log(f"task {cfg.task}, preset {cfg.preset} ({n_params / 1e6:.2f}M params), data {run.data}, device {run.device} x {run.world}, "
+        f"batch {cfg.batch} = {run.world} ranks x {cfg.accum} rounds x {run.micro}, bf16 {cfg.bf16 and cuda}, compile {cfg.compile and cuda}")
+    t_start = time.time() - run.elapsed  # so that time.time() - t_start is the training time summed over resumes
+    t_log, step_log, losses, ckpt_losses = time.time(), run.step, [], []
     while not finished():
-        cur_nimg = step * cfg.batch  # images seen before this step: EDM sets lr and EMA from it (lr = 0 at step 0)
-        lr = learning_rate(cfg, cur_nimg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        indices = order.batch(step, cfg.batch)  # (batch,) the global batch, identical on every rank
-        step_loss = torch.zeros((), device=device)
-        for a in range(cfg.accum):
-            j = rank * cfg.accum + a  # this micro-batch's place in the global batch
-            x, y = get_batch(data, indices[j * micro:(j + 1) * micro])
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # Choice: noise, sigma, augmentation and dropout depend on (seed, step, micro-batch) only, so a
-            # resumed run is bit-identical and N ranks equal one rank accumulating N micro-batches.
-            torch.manual_seed(_derive_seed(cfg.seed, 2, step, j))
-            sync = contextlib.nullcontext() if (world == 1 or a == cfg.accum - 1) else train_model.no_sync()
-            with sync:
-                with autocast:
-                    loss = task.loss(train_model, x, y, cfg)  # (micro,)
-                # mean over this rank's images; DDP then averages the ranks -> mean over the global batch
-                (loss.float().sum() / (micro * cfg.accum)).backward()
-            step_loss += loss.detach().float().sum()
-        for p in model.parameters():
-            if p.grad is not None:  # EDM: a rare inf/nan gradient is zeroed rather than poisoning Adam
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        beta = ema_beta(cur_nimg, cfg.batch, cfg.ema_halflife_kimg, cfg.ema_rampup)
-        ema_update(ema, model, beta)
-        step += 1
-
-        if world > 1:  # one small all-reduce: the loss for logs, and rank 0's clock for the budget
-            buf = torch.stack([step_loss, torch.tensor(float(time.time() - t_start) if rank == 0 else 0.0, device=device)])
-            dist.all_reduce(buf)
-            step_loss, elapsed = buf[0], float(buf[1])
-        else:
-            elapsed = time.time() - t_start
-        loss_value = float(step_loss) / cfg.batch
-        loss_sum, loss_n, ckpt_loss, ckpt_n = loss_sum + loss_value, loss_n + 1, ckpt_loss + loss_value, ckpt_n + 1
-
-        if step % cfg.log_every == 0 or finished():
+        loss = train_step(run, order)
+        elapsed = time.time() - t_start
+        if run.world > 1:  # rank 0's clock decides the budget for every rank
+            clock = torch.tensor(elapsed if run.rank == 0 else 0.0, device=run.device)
+            dist.all_reduce(clock)
+            elapsed = float(clock)
+        run.elapsed = elapsed
+        losses.append(loss)
+        ckpt_losses.append(loss)
+        if run.step % cfg.log_every == 0 or finished():
             now = time.time()
-            ips = (step - step_log) * cfg.batch / max(now - t_log, 1e-9)
-            eta = min((cfg.iters - step) * cfg.batch / max(ips, 1e-9), budget - elapsed)
-            log(f"step {step}/{cfg.iters} | loss {loss_sum / loss_n:.4f} | {ips:.1f} img/s | kimg {step * cfg.batch / 1000:.1f} "
-                f"| lr {lr:.2e} | elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(max(eta, 0))}")
-            t_log, step_log, loss_sum, loss_n = now, step, 0.0, 0
-        if step % cfg.ckpt_every == 0 or finished():
-            if rank == 0:
-                t0 = time.time()
-                save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "step": step, "elapsed_s": elapsed, "config": dataclasses.asdict(cfg),
-                                 "data_state": order.state(step, cfg.batch), "rng": rng_states()}, ckpt_path)
-                record = {"step": step, "kimg": step * cfg.batch / 1000, "loss": ckpt_loss / max(ckpt_n, 1), "lr": lr,
-                          "ema_beta": beta, "elapsed_s": round(elapsed, 1), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                if cfg.grid > 0:
-                    ema_rng = torch.get_rng_state()  # sampling must not disturb anything the loop uses
-                    images = task.generate(ema, torch.arange(cfg.grid), cfg, cfg.sample_steps)
-                    torch.set_rng_state(ema_rng)
-                    record["grid"] = str(out / f"grid_{step:07d}.png")
-                    save_grid(images, record["grid"])
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                log(f"checkpoint {ckpt_path} at step {step}" + (f", grid {record['grid']}" if cfg.grid else "") + f" ({time.time() - t0:.1f}s)")
-            ckpt_loss, ckpt_n = 0.0, 0
-            if world > 1:
-                dist.barrier()
-    log(f"done: step {step}, {step * cfg.batch / 1000:.1f} kimg, {_fmt_time(elapsed)} trained; {ckpt_path}")
-    return step
+            ips = (run.step - step_log) * cfg.batch / max(now - t_log, 1e-9)
+            eta = min((cfg.iters - run.step) * cfg.batch / max(ips, 1e-9), budget - run.elapsed)
+            log(f"step {run.step}/{cfg.iters} | loss {np.mean(losses):.4f} | {ips:.1f} img/s | kimg {run.step * cfg.batch / 1000:.1f} "
+                f"| lr {learning_rate(cfg, (run.step - 1) * cfg.batch):.2e} | elapsed {_fmt_time(run.elapsed)} | ETA {_fmt_time(max(eta, 0))}")
+            t_log, step_log, losses = now, run.step, []
+        if run.step % cfg.ckpt_every == 0 or finished():
+            t0 = time.time()
+            good = [v for v in ckpt_losses if math.isfinite(v)]
+            record = {"step": run.step, "kimg": run.step * cfg.batch / 1000, "loss": finite(np.mean(good)) if good else None,
+                      "nonfinite_steps": len(ckpt_losses) - len(good), "lr": learning_rate(cfg, (run.step - 1) * cfg.batch),
+                      "elapsed_s": round(run.elapsed, 1), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            save_state(run, record)
+            log(f"checkpoint {run.out / 'ckpt.pt'} at step {run.step}" + (f", grid {record['grid']}" if "grid" in record else "")
+                + f" ({time.time() - t0:.1f}s)")
+            ckpt_losses = []
+    log(f"done: step {run.step}, {run.step * cfg.batch / 1000:.1f} kimg, {_fmt_time(run.elapsed)} trained; {run.out / 'ckpt.pt'}")
+    return run.step
 
 
 def config_from_args(argv):
-    """TrainConfig from `--key=value` arguments: the task's own defaults first, then the command line."""
-    task = parse_overrides(TrainConfig(), [a for a in argv if a.startswith("--task=")]).task
-    return parse_overrides(dataclasses.replace(TrainConfig(task=task), **get_task(task).defaults), argv)
+    """The task's Config from `--key=value` arguments: the task (--task=, default edm) gives the defaults."""
+    return parse_overrides(task_config(argv), argv)
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    run_command("minidiffit.train", __doc__, TrainConfig, lambda a: train(config_from_args(a)), argv)
+    run_command("minidiffit.train", __doc__, {"": (task_config, train),
+                                              # `check`: validate the settings and exit (reproduce.sh, before any stage)
+                                              "check": (task_config, lambda cfg: print(f"settings ok ({cfg.task})"))}, argv)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ import torch
 
 from minidiffit import fid, latent_task
 from minidiffit.adm import GaussianDiffusion
-from minidiffit.imagenet import PrepareConfig, make_synthetic_imagefolder, prepare
+from minidiffit.imagenet import PrepareConfig, make_synthetic_imagefolder, prepare, write_reference_batch
 from minidiffit.latent import LATENT_PRESETS, LatentDiffiT, save_safetensors
 from minidiffit.sample import SampleConfig, sample
-from minidiffit.train import TrainConfig, build_from_checkpoint, ema_beta, get_task, load_checkpoint, train
+from minidiffit.runtime import load_checkpoint
+from minidiffit.tasks import build_from_checkpoint
+from minidiffit.train import ema_beta, train
 from minidiffit.vae import VAEConfig, load_vae
 
 QUIET = dict(log=lambda *a: None)
@@ -35,7 +37,7 @@ def data(tmp_path_factory):
 
 def run_config(data, out, **kw):
     """The latent task's defaults (as `python -m minidiffit.train --task=latent`), shrunk to the tiny preset."""
-    cfg = dataclasses.replace(TrainConfig(task="latent"), **get_task("latent").defaults)
+    cfg = latent_task.Config()
     # a short EMA half-life: at batch 4 the recipe's 0.9999-at-256 would leave the EMA at its initial weights
     small = dict(preset="tiny", data_dir=str(data / "latents"), out=str(out), batch=4, lr=1e-3, ckpt_every=2,
                  log_every=2, grid=0, compile=False, ema_halflife_kimg=0.01)
@@ -66,12 +68,13 @@ def randomized(model, seed=0):
 
 
 def test_defaults_are_the_papers_recipe():
-    d = get_task("latent").defaults
-    assert (d["preset"], d["lr"], d["batch"], d["warmup_kimg"], d["augment_p"]) == ("XL/2", 3e-4, 256, 0, 0.0)
+    d = latent_task.Config()
+    assert (d.preset, d.lr, d.batch, d.warmup_kimg, d.betas, d.eps) == ("XL/2", 3e-4, 256, 0, (0.9, 0.999), 1e-8)
+    assert not hasattr(d, "augment_p") and not hasattr(d, "dropout")  # EDM's settings are not the latent task's
     # a constant EMA of 0.9999 per step at batch 256 (DiffiT App. I.2), from the loop's own formula
     for nimg in (0, 256, 10**9):
-        assert ema_beta(nimg, 256, d["ema_halflife_kimg"], d["ema_rampup"]) == pytest.approx(0.9999, abs=1e-12)
-    assert LATENT_PRESETS[d["preset"]].class_dropout_prob == 0.1  # label dropout lives in the model
+        assert ema_beta(nimg, 256, d.ema_halflife_kimg, d.ema_rampup) == pytest.approx(0.9999, abs=1e-12)
+    assert LATENT_PRESETS[d.preset].class_dropout_prob == 0.1  # label dropout lives in the model
 
 
 def test_loss_is_the_hybrid_loss_at_a_uniform_t():
@@ -113,7 +116,7 @@ def test_sample_npz_in_adms_layout_then_evaluate(data, run, tmp_path):
     assert np.bincount(labels, minlength=10).tolist() == [2] * 10  # class-balanced
     assert images.std() > 0
 
-    ref = latent_task.write_reference_batch(data / "images", tmp_path / "ref.npz", image_size=64)
+    ref = write_reference_batch(data / "images", tmp_path / "ref.npz", image_size=64)
     results = tmp_path / "results.txt"
     value = fid.evaluate(fid.EvalConfig(samples=str(npz), ref=str(ref), network="tiny-random", results=str(results),
                                         device="cpu"))
@@ -169,7 +172,7 @@ def test_released_weights_path_matches_the_model(run, tmp_path, monkeypatch):
     the images of that model, with labels; the export CLI writes such a file from a training checkpoint."""
     monkeypatch.setenv("MINIDIFFIT_VAE", "tiny")
     weights = tmp_path / "tiny.safetensors"
-    assert latent_task.main(["export", f"--ckpt={run / 'ckpt.pt'}", f"--out={weights}"]) == 0
+    latent_task.main(["export", f"--ckpt={run / 'ckpt.pt'}", f"--out={weights}"])
     npz = tmp_path / "released.npz"
     sample(SampleConfig(weights=str(weights), num_samples=6, out=str(npz), steps=3, batch=6), **QUIET)
     model, cfg, _ = build_from_checkpoint(run / "ckpt.pt")  # the EMA weights, which export wrote
@@ -195,10 +198,8 @@ def test_clear_errors(data, tmp_path):
         latent_task.load_data(run_config(data, tmp_path, preset="S/2"))
     with pytest.raises(ValueError, match="minidiffit.imagenet prepare"):
         latent_task.load_data(run_config(data, tmp_path, data_dir=None))
-    with pytest.raises(ValueError, match="augment"):
-        latent_task.build_model(run_config(data, tmp_path, augment_p=0.12))
-    with pytest.raises(ValueError, match="unknown preset"):
-        latent_task.build_model(run_config(data, tmp_path, preset="cifar10"))
+    with pytest.raises(ValueError, match="unknown for task 'latent'"):
+        run_config(data, tmp_path, preset="cifar10")
     with pytest.raises(FileNotFoundError, match="huggingface.co/nvidia/DiffiT"):
         latent_task.released_model(tmp_path / "diffit_256.safetensors")
 
@@ -206,4 +207,4 @@ def test_clear_errors(data, tmp_path):
 def test_reference_batch_refuses_more_images_than_the_folder_holds(tmp_path):
     make_synthetic_imagefolder(tmp_path / "images", num_classes=2, per_class=2, size=64)
     with pytest.raises(ValueError, match="holds only 4 images"):
-        latent_task.write_reference_batch(tmp_path / "images", tmp_path / "ref.npz", image_size=64, num=5)
+        write_reference_batch(tmp_path / "images", tmp_path / "ref.npz", image_size=64, num=5)

@@ -7,17 +7,18 @@ import pytest
 import torch
 from PIL import Image
 
+from minidiffit import edm_task
+from minidiffit.runtime import save_checkpoint, seeded_noise
 from minidiffit.sample import SampleConfig, generate_images, main, sample
-from minidiffit.edm_task import edm_build_model
-from minidiffit.train import TrainConfig, build_from_checkpoint, save_checkpoint, seeded_noise
+from minidiffit.tasks import build_from_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny-preset checkpoint with random (not zero-initialised) weights, so samples depend on the net."""
-    cfg = TrainConfig(preset="tiny", data="synthetic", grid=0)
+    cfg = edm_task.Config(preset="tiny", data="synthetic", grid=0, augment_p=0)
     torch.manual_seed(0)
-    model = edm_build_model(cfg)
+    model = edm_task.build_model(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -1,0 +1,208 @@
+"""What every entry point shares: the process group, seeds and per-image noise, atomic files, checkpoints.
+
+Small helpers with no model and no training loop in them, so that the tasks, `sample`, `fid` and
+`imagenet` can import them while only `train` imports the tasks (dependencies run one way). Written once
+here: one process-group set-up, one per-image noise helper, one atomic writer whose temporary files no
+reader mistakes for results, and checkpoint loading that names the file when it is missing, corrupt or
+someone else's. Introduced in notebooks/05_train_cifar10.ipynb.
+"""
+
+import dataclasses
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------
+# Processes
+
+
+def init_process(log=None):
+    """(rank, world size, device, log) of this process, for train, sample and prepare alike.
+
+    Reads torchrun's environment ((0, 1) without it), joins the process group when there are several
+    ranks (NCCL on CUDA, gloo on the CPU) and turns on TF32 on CUDA. `log` becomes a no-op on ranks > 0
+    (only rank 0 talks) and `print` when None.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:  # Choice: TF32 matmuls/convs; DESIGN.md Sec. 6 speed settings, CUDA only
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if rank != 0:
+        log = lambda *a: None  # noqa: E731
+    elif log is None:
+        log = lambda *a: print(*a, flush=True)  # noqa: E731
+    return rank, world, device, log
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------
+# Seeds
+
+
+def derive_seed(*words):
+    """Independent 63-bit seeds from tuples of ints (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def image_generators(seeds):
+    """One CPU generator per image, seeded with seeds[i] (EDM's per-image seeds): a seed gives the same
+    numbers on any device, batch size or rank. Samplers take the list and draw image i's noise from entry i."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def seeded_noise(seeds, shape, device="cpu", generators=None):
+    """(N, *shape) initial noise, image i from its own generator (`image_generators(seeds)` when not given)."""
+    generators = image_generators(seeds) if generators is None else generators
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+# ----------------------------------------------------------------------------
+# Files: written whole or not at all
+
+
+def temporary_path(path):
+    """Where `atomic_write` stages `path`: hidden, ending in .tmp, so no reader (fid's image lister, the
+    latent shard reader, a resumed sampler) ever takes it for a result."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write(path, write):
+    """Call `write(binary file)` on a temporary file, then rename it onto `path` (atomic on POSIX): a kill or
+    a full disk leaves the previous file (or none), never half of one, and no temporary behind."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # say how much was needed: at least what was written before the disk filled
+            written = tmp.stat().st_size if tmp.exists() else 0
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(e.errno, f"no space left on the device: {written / 1e6:.1f} MB written before it filled, "
+                                   f"more needed, {free / 1e6:.1f} MB free", str(path)) from None
+        if e.errno is not None and e.filename is None:  # torch's and numpy's writers do not say which file failed
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(path, obj):
+    # allow_nan=False: a NaN must never reach a JSON file as the bare token NaN (not JSON); pass finite() values
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, allow_nan=False).encode()))
+
+
+def finite(x):
+    """A float for JSON: None when not finite."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def save_png(array, path):
+    """uint8 (H, W, C) -> PNG, atomically (a killed sampler never leaves a half-written image)."""
+    from PIL import Image
+
+    atomic_write(path, lambda f: Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(f, format="PNG"))
+
+
+def save_grid(images, path, nrow=None):
+    """float images (N, C, H, W) in [-1, 1] -> one PNG grid (rounded to uint8 as saved samples are)."""
+    from .data import to_uint8
+
+    x = to_uint8(images.cpu())  # (N, C, H, W)
+    N, C, H, W = x.shape
+    nrow = nrow or math.ceil(math.sqrt(N))
+    canvas = torch.zeros(C, math.ceil(N / nrow) * H, nrow * W, dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        canvas[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
+    save_png(canvas.permute(1, 2, 0).numpy(), path)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """A minidiffit checkpoint, or a one-line error naming the file: missing, empty, truncated, corrupt, foreign."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}; train one with `python -m minidiffit.train --out=<dir>` (it writes <dir>/ckpt.pt)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {path} is empty (0 bytes); delete it (a run resumes from its last good checkpoint only if one exists)")
+    try:
+        # weights_only=False: our own files hold numpy/python RNG states and a config dict, not just tensors.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, a text file: torch raises many types
+        raise ValueError(f"{what} {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}); "
+                         f"delete it, or restore it from a copy") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
+        keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a minidiffit training checkpoint (it holds {keys}); pass a ckpt.pt written by "
+                         f"`python -m minidiffit.train` (released weights: sample.py --weights=FILE)")
+    return ckpt
+
+
+def check_resumable(saved, cfg, path):
+    """Refuse a checkpoint that was made with different run-defining settings (all but cfg.RESUMABLE)."""
+    ours = dataclasses.asdict(cfg)
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    diff = [k for k in ours if k not in cfg.RESUMABLE and saved.get(k) != ours[k]]
+    if diff:
+        what = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {ours[k]!r}" for k in diff)
+        raise ValueError(f"checkpoint {path} belongs to a different run ({what}). Pass the same settings to resume it, "
+                         f"or --out=<a new directory> to start a new run.")
+
+
+# ----------------------------------------------------------------------------
+# Data fingerprints: a run (and its checkpoint) is bound to the data it trained on
+
+
+def fingerprint(count, classes, content):
+    """{count, classes, digest}: `content` is bytes (or a list of strings) that change when the data does."""
+    h = hashlib.sha256()
+    for part in content if isinstance(content, list) else [content]:
+        h.update(part.encode() if isinstance(part, str) else bytes(part))
+    return {"count": int(count), "classes": list(classes), "digest": h.hexdigest()[:16]}
+
+
+def check_same_data(saved, now, path):
+    """Refuse a resume on other data, naming the difference (count, classes or content)."""
+    if saved is None or saved == now:
+        return
+    if saved["count"] != now["count"]:
+        what = f"{saved['count']} items then, {now['count']} now"
+    elif saved["classes"] != now["classes"]:
+        what = f"classes {saved['classes'][:5]}... then, {now['classes'][:5]}... now"
+    else:
+        what = f"the same count and classes but other contents (digest {saved['digest']} then, {now['digest']} now)"
+    raise ValueError(f"checkpoint {path} was trained on other data ({what}); point --data_dir at the data it was "
+                     f"trained on, or pass --out=<a new directory> to start a new run on this data")

@@ -1,0 +1,47 @@
+"""The training tasks by name, and a trained model back from its checkpoint.
+
+A task is a module (edm_task.py, latent_task.py) with a `Config` dataclass (its settings and defaults) and
+build_model, loss, generate, load_data (and, for class-conditional tasks, labels). train.py and sample.py
+look tasks up here; the tasks themselves import only small helpers (runtime.py, config.py), never the loop.
+"""
+
+from . import edm_task, latent_task
+from .runtime import load_checkpoint
+
+TASKS = {
+    "edm": edm_task,  # image-space DiffiT, EDM (CIFAR-10, FFHQ-64, Fashion-MNIST)
+    "latent": latent_task,  # latent DiffiT, ImageNet (ADM diffusion)
+}
+
+
+def get_task(name):
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def task_config(argv):
+    """The default Config of the task that `--task=` in argv names (edm when absent): what --help shows."""
+    names = [a.split("=", 1)[1] for a in argv if a.startswith("--task=")]
+    return get_task(names[-1] if names else "edm").Config()
+
+
+def config_from_dict(d):
+    """A task's Config from a checkpoint's config dict (tuples come back as lists from some writers)."""
+    cls = get_task(d.get("task", "edm")).Config
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def build_from_checkpoint(path, use_ema=True, device="cpu"):
+    """(model with the EMA (or raw) weights, Config, checkpoint) from a ckpt.pt; sample.py uses it."""
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"])
+    model = get_task(cfg.task).build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not fit the model its settings build (has the model code changed?): "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    return model.to(device).eval().requires_grad_(False), cfg, ckpt
+
+
