@@ -8,13 +8,14 @@ calls it. The image-folder reader here (listing, decoding, cropping) is also the
 are made with (imagenet.py). Introduced in notebooks/05_train_cifar10.ipynb.
 """
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .runtime import fingerprint
+from .runtime import atomic_write, fingerprint
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "minidiffit")  # torchvision download target
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")  # lower-cased: .JPEG counts
@@ -35,6 +36,25 @@ def to_uint8(images, mode="round"):
     if mode not in ("round", "truncate"):
         raise ValueError(f"quantisation {mode!r}: choose round or truncate")
     return (x.round() if mode == "round" else x.floor()).clamp(0, 255).to(torch.uint8)
+
+
+def save_png(array, path):
+    """uint8 (H, W, C) -> PNG, atomically (a killed sampler never leaves a half-written image)."""
+    from PIL import Image
+
+    atomic_write(path, lambda f: Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(f, format="PNG"))
+
+
+def save_grid(images, path, nrow=None):
+    """float images (N, C, H, W) in [-1, 1] -> one PNG grid (rounded to uint8 as saved samples are)."""
+    x = to_uint8(images.cpu())  # (N, C, H, W)
+    N, C, H, W = x.shape
+    nrow = nrow or math.ceil(math.sqrt(N))
+    canvas = torch.zeros(C, math.ceil(N / nrow) * H, nrow * W, dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        canvas[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
+    save_png(canvas.permute(1, 2, 0).numpy(), path)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -122,27 +122,6 @@ def finite(x):
     return x if math.isfinite(x) else None
 
 
-def save_png(array, path):
-    """uint8 (H, W, C) -> PNG, atomically (a killed sampler never leaves a half-written image)."""
-    from PIL import Image
-
-    atomic_write(path, lambda f: Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(f, format="PNG"))
-
-
-def save_grid(images, path, nrow=None):
-    """float images (N, C, H, W) in [-1, 1] -> one PNG grid (rounded to uint8 as saved samples are)."""
-    from .data import to_uint8
-
-    x = to_uint8(images.cpu())  # (N, C, H, W)
-    N, C, H, W = x.shape
-    nrow = nrow or math.ceil(math.sqrt(N))
-    canvas = torch.zeros(C, math.ceil(N / nrow) * H, nrow * W, dtype=torch.uint8)
-    for i in range(N):
-        r, c = divmod(i, nrow)
-        canvas[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
-    save_png(canvas.permute(1, 2, 0).numpy(), path)
-
-
 # ----------------------------------------------------------------------------
 # Checkpoints
 

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from .config import check, run_command
-from .data import to_float, to_uint8
-from .runtime import atomic_write, barrier, init_process, save_grid, save_png, write_json
+from .data import save_grid, save_png, to_float, to_uint8
+from .runtime import atomic_write, barrier, init_process, write_json
 from .tasks import build_from_checkpoint, get_task
 
 

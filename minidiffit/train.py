@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import parse_overrides, run_command
-from .runtime import (check_resumable, check_same_data, derive_seed, finite, init_process, load_checkpoint, save_checkpoint,
-                      save_grid)
+from .data import save_grid
+from .runtime import check_resumable, check_same_data, derive_seed, finite, init_process, load_checkpoint, save_checkpoint
 from .tasks import get_task, task_config
 
 # ----------------------------------------------------------------------------

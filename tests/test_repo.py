@@ -99,3 +99,69 @@ def test_parse_overrides_types():
 def test_parse_overrides_errors(args, message):
     with pytest.raises(ValueError, match=message):
         parse_overrides(_Config(), args)
+
+
+# ----------------------------------------------------------------------------
+# The package's shape: dependencies one way, modules one idea each
+
+
+def _package_imports():
+    """{module: set of package modules it imports} from the sources' relative imports (ast, nothing run)."""
+    import ast
+
+    graph = {}
+    for path in sorted((ROOT / "minidiffit").glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.startswith("minidiffit") for n in names), f"{path.name}: use relative imports inside the package"
+        graph[path.stem] = deps
+    return graph
+
+
+def test_import_graph_has_no_cycle_and_the_loop_is_imported_by_nothing():
+    graph = _package_imports()
+    assert "train" in graph and "edm_task" in graph["tasks"]  # the scan sees the imports
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in graph.get(node, ()):
+            assert state.get(dep) != "open", f"import cycle: {' -> '.join(path + [dep])}"
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+    assert not [m for m, deps in graph.items() if "train" in deps], "only entry points import the training loop"
+
+
+def test_modules_stay_under_400_lines():
+    for path in (ROOT / "minidiffit").glob("*.py"):
+        n = len(path.read_text().splitlines())
+        assert n <= 400, f"{path.name} has {n} lines: split it (STYLE.md: one idea per module, ~400 lines)"
+
+
+def test_committed_outputs_show_no_machine_paths():
+    pattern = re.compile(r"(/work/|/tmp/|/root/|/home/|/Users/|[A-Z]:\\\\Users)")
+    for path in NOTEBOOKS + sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb")):
+        outputs = json.dumps([c.get("outputs", []) for c in json.loads(path.read_text())["cells"]])
+        match = pattern.search(outputs)
+        assert not match, f"{path.name}: committed output shows a machine path ({outputs[match.start():match.start() + 60]!r})"
+
+
+def test_license_and_the_readme_deviation_grep_lists_every_marked_choice():
+    assert (ROOT / "LICENSE").is_file() and "Permission is hereby granted" in (ROOT / "LICENSE").read_text()
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"^\s*(grep [^\n]*Deviation[^\n]*)$", readme, re.M)
+    assert command, "README shows the grep that lists every # Choice / # Deviation"
+    listed = subprocess.run(command.group(1), shell=True, cwd=ROOT, capture_output=True, text=True).stdout
+    for path in (ROOT / "minidiffit").glob("*.py"):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"#\s*(Choice|Deviation)\b", line):
+                assert f"{path.name}:{i}:" in listed, f"README's grep misses minidiffit/{path.name}:{i}: {line.strip()}"
