@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # minidiffit's entry point: `bash reproduce.sh <command>`; `bash reproduce.sh help` lists the commands.
 set -euo pipefail
+CALLER_PWD=$PWD  # relative paths the user passes (--data_dir=..., DATA_DIR, --ref=, --weights=) are theirs
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 VENV=${MINIDIFFIT_VENV:-.venv}
@@ -43,19 +44,62 @@ run_tests() {
     --nbval-cell-timeout=300 notebooks/
 }
 
+# Paths the user typed are relative to where they ran the command, not to the repository: make them absolute.
+# Prints one argument per line (bash 3 has no mapfile -d); --out= stays relative to the repository (runs/...).
+absolute_args() {
+  local a key val
+  for a in "$@"; do
+    case "$a" in
+      --data_dir=*|--ref=*|--weights=*|--ckpt=*)
+        key=${a%%=*} val=${a#*=}
+        [[ -n "$val" && "$val" != /* ]] && val="$CALLER_PWD/$val"
+        printf '%s\n' "$key=$val" ;;
+      *) printf '%s\n' "$a" ;;
+    esac
+  done
+}
+
+# The value of --key= in the arguments (the last one wins, as the config parser does), or $2 when absent.
+arg_value() {
+  local key=$1 value=$2 a
+  shift 2
+  for a in "$@"; do [[ "$a" == --$key=* ]] && value=${a#--$key=}; done
+  printf '%s' "$value"
+}
+
+cuda_count() {
+  "$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+}
+
 # CIFAR-10 (DiffiT App. I.1 with EDM's recipe). Every stage resumes or is skipped when done.
-# --key=value arguments override minidiffit.train's TrainConfig (--iters=, --minutes=, --data_dir=, ...).
+# --key=value arguments override minidiffit.train's settings (--iters=, --minutes=, --data_dir=, --out=, ...);
+# all of them are checked before the first stage starts.
 run_cifar10() {
   setup
-  local data_dir="" a
-  for a in "$@"; do [[ "$a" == --data_dir=* ]] && data_dir=${a#--data_dir=}; done
-  local ngpu
-  ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+  local args=() a
+  while IFS= read -r a; do args+=("$a"); done < <(absolute_args "$@")
+  local ngpu data_dir
+  ngpu=$(cuda_count)
+  data_dir=$(arg_value data_dir "" ${args[@]+"${args[@]}"})
   if [[ "$ngpu" -gt 0 ]]; then
-    local out=runs/cifar10 launch=("$PY" -m)
+    local defaults=(--preset=cifar10 --data=cifar10 --out=runs/cifar10 --iters=200000 --batch=512)
+    local launch=("$PY" -m)
     [[ "$ngpu" -gt 1 ]] && launch=("$VENV/bin/torchrun" --standalone --nproc_per_node="$ngpu" -m)
-    echo "== CUDA, $ngpu GPU(s): preset cifar10, 200k iterations at batch 512 (EDM recipe) -> $out"
-    "${launch[@]}" minidiffit.train --preset=cifar10 --data=cifar10 --out=$out --iters=200000 --batch=512 "$@"
+  else
+    # Choice: CPU-tier settings (batch 32, short lr warm-up, no augmentation) so that a half-hour run
+    # learns something; the EDM schedule (10 Mimg warm-up) would keep the lr near zero all along.
+    local defaults=(--preset=small --data=cifar10 --out=runs/cifar10_cpu --minutes=30 --batch=32 --warmup_kimg=0.5
+      --augment_p=0 --ckpt_every=200 --log_every=10 --grid=16)
+    local launch=("$PY" -m)
+  fi
+  local train_args=("${defaults[@]}" ${args[@]+"${args[@]}"})
+  "$PY" -m minidiffit.train check "${train_args[@]}" >/dev/null  # every key checked before any work
+  local out preset
+  out=$(arg_value out "" "${train_args[@]}")
+  preset=$(arg_value preset "" "${train_args[@]}")
+  if [[ "$ngpu" -gt 0 ]]; then
+    echo "== CUDA, $ngpu GPU(s): preset $preset, EDM recipe -> $out"
+    "${launch[@]}" minidiffit.train "${train_args[@]}"
     echo "== 50k samples, 18 Heun steps (35 network evaluations), EMA weights -> $out/samples"
     "${launch[@]}" minidiffit.sample --ckpt=$out/ckpt.pt --num_samples=50000 --steps=18 --batch=500 --out=$out/samples
     local ref=runs/fid_refs/cifar10_train.npz tag="cifar10 ckpt=$out/ckpt.pt samples=50000 nfe=35"
@@ -71,17 +115,13 @@ run_cifar10() {
     fi
     tail -n 1 results/cifar10.txt
   else
-    local out=runs/cifar10_cpu
-    echo "== no CUDA: CPU tier, preset small for a bounded time (default 30 minutes, --minutes= to change) -> $out"
-    # Choice: CPU-tier settings (batch 32, short lr warm-up, no augmentation) so that a half-hour run
-    # learns something; the EDM schedule (10 Mimg warm-up) would keep the lr near zero all along.
-    "$PY" -m minidiffit.train --preset=small --data=cifar10 --out=$out --minutes=30 --batch=32 --warmup_kimg=0.5 \
-      --augment_p=0 --ckpt_every=200 --log_every=10 --grid=16 "$@"
+    echo "== no CUDA: CPU tier, preset $preset for a bounded time (--minutes=, default 30) -> $out"
+    "$PY" -m minidiffit.train "${train_args[@]}"
     if [[ -f $out/samples.png && $out/samples.png -nt $out/ckpt.pt ]]; then
       echo "== $out/samples.png is up to date"
     else
       echo "== 64 samples, 18 Heun steps (35 network evaluations), EMA weights -> $out/samples.png"
-      "$PY" -m minidiffit.sample --ckpt=$out/ckpt.pt --num_samples=64 --steps=18 --batch=64 --out=$out/samples.png
+      "$PY" -m minidiffit.sample --ckpt=$out/ckpt.pt --num_samples=64 --steps=18 --batch=64 --out=$out/samples.png --overwrite=true
     fi
   fi
 }
@@ -97,7 +137,10 @@ ADM_REF_URL=https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_ba
 
 run_imagenet256() {
   setup
-  local data_dir="" weights="" ref=runs/fid_refs/VIRTUAL_imagenet256_labeled.npz args=()
+  local data_dir="" weights="" ref=runs/fid_refs/VIRTUAL_imagenet256_labeled.npz args=() a
+  local given=()
+  while IFS= read -r a; do given+=("$a"); done < <(absolute_args "$@")
+  set -- ${given[@]+"${given[@]}"}
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --weights) weights=${2:?--weights needs a file}; shift 2 ;;
@@ -106,11 +149,15 @@ run_imagenet256() {
       --ref=*) ref=${1#--ref=}; shift ;;
       --*=*) args+=("$1"); shift ;;
       -*) echo "reproduce.sh imagenet256: unknown option '$1' (use --key=value)" >&2; exit 2 ;;
-      *) data_dir=$1; shift ;;
+      *) data_dir=$1; [[ "$data_dir" != /* ]] && data_dir="$CALLER_PWD/$data_dir"; shift ;;
     esac
   done
+  [[ -n "$weights" && "$weights" != /* ]] && weights="$CALLER_PWD/$weights"
+  [[ "$ref" != /* && "$ref" != runs/* ]] && ref="$CALLER_PWD/$ref"
+  # Every training key is checked now, before the prepare stage (hours of VAE encoding on a GPU box).
+  "$PY" -m minidiffit.train check --task=latent --out=runs/imagenet256 ${args[@]+"${args[@]}"} >/dev/null
   local ngpu
-  ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+  ngpu=$(cuda_count)
   if [[ "$ngpu" -gt 0 ]]; then
     if [[ -z "$data_dir" && -z "$weights" ]]; then
       echo "reproduce.sh imagenet256: pass DATA_DIR (ImageNet's train folder, one subfolder per class) or --weights FILE" >&2
@@ -152,7 +199,7 @@ imagenet256_stages() {
   else
     [[ "$mode" == run ]] && echo "== sample: 50k images (image i: seed i, class i % 1000), guidance, 250 steps x 2 evaluations -> $samples"
     [[ "$mode" == run ]] && mkdir -p $out
-    step "${launch[@]}" minidiffit.sample "${source[@]}" --num_samples=50000 --steps=250 --batch=64 --out=$samples
+    step "${launch[@]}" minidiffit.sample "${source[@]}" --num_samples=50000 --steps=250 --batch=64 --out=$samples --overwrite=true
   fi
   if [[ "$mode" == run && ! -f "$ref" ]]; then
     echo "reproduce.sh imagenet256: ADM's reference batch $ref is missing. Download it (1.5 GB) with" >&2
@@ -169,6 +216,7 @@ imagenet256_stages() {
 
 # The same stages at toy size: 40 synthetic 64 px images in 10 classes, the tiny preset, the tiny random VAE,
 # a few training steps (then a resume), 20 samples, and a "FID" from a tiny random network (NOT a real FID).
+# Like the real stages, each is skipped when its output is there and newer than its input.
 imagenet256_fast() {
   local out=runs/imagenet256_fast
   export MINIDIFFIT_FAST=1
@@ -180,18 +228,26 @@ imagenet256_fast() {
   "${train[@]}" --iters=10 "$@"
   echo "== resume the run for 10 more steps"
   "${train[@]}" --iters=20 "$@"
-  echo "== sample 20 images (25 steps, guidance) -> $out/samples.npz"
-  "$PY" -m minidiffit.sample --ckpt=$out/run/ckpt.pt --num_samples=20 --steps=25 --batch=10 --out=$out/samples.npz
-  echo "== the released-weights path: export the EMA as safetensors, sample it with --weights"
-  "$PY" -m minidiffit.latent_task export --ckpt=$out/run/ckpt.pt --out=$out/tiny.safetensors
-  MINIDIFFIT_VAE=tiny "$PY" -m minidiffit.sample --weights=$out/tiny.safetensors --num_samples=20 --steps=25 --batch=10 \
-    --out=$out/samples_weights.npz
-  "$PY" -m minidiffit.latent_task reference --data_dir=$out/images --out=$out/ref.npz --image_size=64
+  fresh() { [[ -f $1 && $1 -nt $2 ]]; }  # output $1 exists and is newer than input $2
+  if fresh $out/samples.npz $out/run/ckpt.pt; then echo "== $out/samples.npz is up to date"; else
+    echo "== sample 20 images (25 steps, guidance) -> $out/samples.npz"
+    "$PY" -m minidiffit.sample --ckpt=$out/run/ckpt.pt --num_samples=20 --steps=25 --batch=10 --out=$out/samples.npz --overwrite=true
+  fi
+  if fresh $out/samples_weights.npz $out/run/ckpt.pt; then echo "== $out/samples_weights.npz is up to date"; else
+    echo "== the released-weights path: export the EMA as safetensors, sample it with --weights"
+    "$PY" -m minidiffit.latent_task export --ckpt=$out/run/ckpt.pt --out=$out/tiny.safetensors
+    MINIDIFFIT_VAE=tiny "$PY" -m minidiffit.sample --weights=$out/tiny.safetensors --num_samples=20 --steps=25 --batch=10 \
+      --out=$out/samples_weights.npz --overwrite=true
+  fi
+  [[ -f $out/ref.npz ]] || "$PY" -m minidiffit.imagenet reference --data_dir=$out/images --out=$out/ref.npz --image_size=64
+  local s
   for s in samples samples_weights; do
-    "$PY" -m minidiffit.fid --samples=$out/$s.npz --ref=$out/ref.npz --network=tiny-random \
-      --results=$out/results.txt --tag="FAST CPU pipeline check ($s), NOT a real FID"
+    if fresh $out/results_$s.txt $out/$s.npz; then echo "== $out/results_$s.txt is up to date"; else
+      "$PY" -m minidiffit.fid --samples=$out/$s.npz --ref=$out/ref.npz --network=tiny-random \
+        --results=$out/results_$s.txt --tag="FAST CPU pipeline check ($s), NOT a real FID"
+    fi
   done
-  echo "== FAST pipeline done: every stage ran; $out/results.txt (tiny random features, NOT a real FID)"
+  echo "== FAST pipeline done: every stage ran; $out/results_*.txt (tiny random features, NOT a real FID)"
 }
 
 main() {

@@ -58,7 +58,8 @@ def parse_overrides(cfg, args):
         key, text = arg[2:].split("=", 1)
         key = key.replace("-", "_")
         if key not in names:
-            raise ValueError(f"unknown config key {key!r} for {type(cfg).__name__}; valid keys: {', '.join(names)}")
+            owner = f"{type(cfg).__module__.rsplit('.', 1)[-1]}.{type(cfg).__name__}"  # e.g. latent_task.Config
+            raise ValueError(f"unknown config key {key!r} for {owner}; valid keys: {', '.join(names)}")
         changes[key] = _convert(key, text, hints.get(key, type(getattr(cfg, key))), getattr(cfg, key))
     cfg = dataclasses.replace(cfg, **changes)
     if hasattr(cfg, "validate"):  # every value is checked here, at parse time, before any work starts
@@ -97,7 +98,8 @@ def error_message(e):
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return (f"writing {e.filename or 'a file'}: {e.strerror}; free some space or write elsewhere (--out=...), "
                 f"then rerun: finished work is kept")
-    return str(e)
+    # One line even when the message quotes a library's multi-line error (torch, PIL, diffusers)
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def run_command(prog, doc, commands, argv=None):
