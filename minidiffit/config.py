@@ -28,6 +28,7 @@ def _convert(name, text, typ, current):
             return None
         typ = next(t for t in typing.get_args(typ) if t is not type(None))
         origin = typing.get_origin(typ)
+    expected = f"a value of type {getattr(typ, '__name__', typ)}"
     try:
         if typ is bool:
             if text.lower() in ("1", "true", "yes", "on"):
@@ -38,10 +39,11 @@ def _convert(name, text, typ, current):
         if typ is tuple or origin is tuple:
             args = typing.get_args(typ)
             elem = args[0] if args else (type(current[0]) if current else str)
+            expected = f"comma-separated values of type {elem.__name__}"
             return tuple(elem(v) for v in text.split(",") if v != "")
         return typ(text)
     except (TypeError, ValueError):
-        raise ValueError(f"--{name}={text}: expected a value of type {getattr(typ, '__name__', typ)}") from None
+        raise ValueError(f"--{name}={text}: expected {expected}") from None
 
 
 def parse_overrides(cfg, args):

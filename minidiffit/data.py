@@ -216,6 +216,9 @@ def cifar10_dataset(root=None, train=True, download=True, resolution=None):
     """CIFAR-10 training (or test) set. `root` may be an ImageFolder copy of it or torchvision's cache dir."""
     if root is not None and looks_like_image_folder(root):
         return folder_dataset(root, resolution)
+    if root is not None and Path(root).expanduser().is_dir() and any(
+            f.name.lower().endswith(IMAGE_EXTENSIONS) for f in os.scandir(Path(root).expanduser())):
+        list_image_folder(root)  # images but no class subfolders: say so, rather than download CIFAR-10 into it
     ds, root = _torchvision("cifar10", root, train, download)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
     return ImageDataset(images, torch.tensor(ds.targets), ds.classes, source=f"torchvision CIFAR-10 in {root}")

@@ -214,18 +214,30 @@ def save_reference(path, mu, sigma, **meta):
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()}))
 
 
+def _read_npz(path, what, names):
+    """(all keys, {name: array} for the `names` it holds) of an npz, or a one-line error naming the file when it
+    is missing, empty, truncated, corrupt, pickled or not an npz at all."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z.files, {k: z[k] for k in names if k in z.files}
+    except Exception as e:  # zipfile.BadZipFile, EOFError, a bad CRC, pickled-data ValueError, OSError
+        raise ValueError(f"{what} {path} is not a readable .npz ({type(e).__name__}: {str(e)[:100]}); it is corrupt, "
+                         f"truncated or not an npz: make it again") from None
+
+
 def load_reference(path):
     """Reference npz -> dict with mu, sigma (float64 or None), images (uint8 NHWC or None), features, num."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"reference statistics {path} not found; build one with "
                                 f"`python -m minidiffit.fid ref --data=cifar10 --out={path}`")
-    with np.load(path, allow_pickle=False) as z:
-        keys = set(z.files)
-        ref = {"mu": z["mu"].astype(np.float64) if "mu" in keys else None,
-               "sigma": z["sigma"].astype(np.float64) if "sigma" in keys else None,
-               "images": z["arr_0"] if "arr_0" in keys else None,  # ADM's reference batch
-               "features": z["features"] if "features" in keys else None,  # ours, with --save_features
-               "num": int(z["num"]) if "num" in keys else None}  # fmt: skip
+    keys, z = _read_npz(path, "reference statistics", ("mu", "sigma", "arr_0", "features", "num"))
+    ref = {"mu": z["mu"].astype(np.float64) if "mu" in z else None,
+           "sigma": z["sigma"].astype(np.float64) if "sigma" in z else None,
+           "images": z.get("arr_0"),  # ADM's reference batch
+           "features": z.get("features"),  # ours, with --save_features
+           "num": int(z["num"]) if "num" in z else None}  # fmt: skip
     if (ref["mu"] is None) != (ref["sigma"] is None) or (ref["mu"] is None and ref["images"] is None):
         raise ValueError(f"{path} has keys {sorted(keys)}; expected `mu` and `sigma` (ours, EDM's) "
                          f"or `arr_0` images (ADM's reference batch)")
@@ -240,14 +252,16 @@ def image_batches(path, batch_size=100, num=0):
     """(list of uint8 (B, 3, H, W) batches as a generator, number of images). num > 0 takes the first num."""
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if "arr_0" not in z.files:
-                raise ValueError(f"{path} has keys {z.files}; expected samples as `arr_0` uint8 (N, H, W, 3)")
-            items = z["arr_0"]
+        keys, z = _read_npz(path, "samples", ("arr_0",))
+        if "arr_0" not in z:
+            raise ValueError(f"{path} has keys {keys}; expected samples as `arr_0` uint8 (N, H, W, 3)")
+        items = z["arr_0"]
         load = lambda chunk: chunk  # noqa: E731
     elif path.is_dir():
-        # Hidden files are skipped: temporaries (runtime.atomic_write) and editor or OS litter, never samples.
-        items = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+        # Skipped, never samples: hidden files (runtime.atomic_write's temporaries, editor or OS litter) and the
+        # NAME.tmp.png temporaries that sample.py wrote before it used atomic_write.
+        items = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+                       and not f.name.lower().endswith(".tmp" + f.suffix.lower()))
 
         def load(chunk):
             images = [read_image(f) for f in chunk]  # a corrupt file is a one-line error naming it

@@ -133,6 +133,8 @@ def save_checkpoint(obj, path):
 def load_checkpoint(path, what="checkpoint"):
     """A minidiffit checkpoint, or a one-line error naming the file: missing, empty, truncated, corrupt, foreign."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a {what} file (a run directory holds its checkpoint as the file ckpt.pt)")
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}; train one with `python -m minidiffit.train --out=<dir>` (it writes <dir>/ckpt.pt)")
     if path.stat().st_size == 0:

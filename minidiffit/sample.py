@@ -70,8 +70,16 @@ def _part_path(out, rank, world):
 def _bind_folder(out, source):
     """A PNG folder is continued only by the model and settings that began it (recorded in source.json)."""
     path = out / "source.json"
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out={out} is a file; PNG samples go into a folder (or name a .npz or .png)")
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:  # not JSON (UnicodeDecodeError is a ValueError too)
+            old = None
+        if not isinstance(old, dict):
+            raise ValueError(f"{path} is not a source record of minidiffit.sample (corrupt, or another tool's); "
+                             f"delete the folder {out} to start again, or pass another --out")
         if old != source:
             diff = ", ".join(f"{k}: {old.get(k)!r} there vs {source.get(k)!r} now" for k in source if old.get(k) != source[k])
             raise ValueError(f"{out} holds samples of another model or settings ({diff}); pass another --out, "
@@ -79,6 +87,9 @@ def _bind_folder(out, source):
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_json(path, source)
+    # PNG writes that a kill interrupted: runtime.atomic_write's hidden .NAME.PID.tmp, older versions' NAME.tmp.png
+    for tmp in [*out.glob(".*.tmp"), *out.glob("*.tmp.png")]:
+        tmp.unlink(missing_ok=True)
 
 
 def sample(scfg, log=None):

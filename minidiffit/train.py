@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from .config import parse_overrides, run_command
 from .data import save_grid
-from .runtime import check_resumable, check_same_data, derive_seed, finite, init_process, load_checkpoint, save_checkpoint
+from .runtime import (atomic_write, check_resumable, check_same_data, derive_seed, finite, init_process, load_checkpoint,
+                      save_checkpoint)
 from .tasks import get_task, task_config
 
 # ----------------------------------------------------------------------------
@@ -153,8 +154,17 @@ def setup(cfg, log=None):
     data = task.load_data(cfg)
     run = Run(cfg, task, model, ema, optimizer, data, rank=rank, world=world, device=device, log=log)
     path = run.out / "ckpt.pt"
+    if run.out.exists() and not run.out.is_dir():
+        raise NotADirectoryError(f"--out={cfg.out} is a file; a run directory is needed (it holds ckpt.pt and grids)")
+    if rank == 0:  # writes that a kill interrupted (runtime.atomic_write's temporaries): never read, only litter
+        for tmp in run.out.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     if path.exists():
         ckpt = load_checkpoint(path)
+        missing = [k for k in ("ema", "optimizer", "elapsed_s") if k not in ckpt]
+        if missing:
+            raise ValueError(f"checkpoint {path} has no {', '.join(missing)}: it holds weights to sample, not a training "
+                             f"state to resume; pass --out=<a new directory> to start a new run")
         check_resumable(ckpt["config"], cfg, path)
         check_same_data(ckpt.get("data"), data.fingerprint(), path)
         try:
@@ -259,12 +269,20 @@ def save_state(run, record):
 
 
 def _truncate_metrics(path, step):
-    """Drop the log lines of steps after `step` (written before a checkpoint that a kill then prevented)."""
+    """Drop the log lines of steps after `step` (written before a checkpoint that a kill then prevented), and a
+    last line cut short (a kill or a full disk while appending); rewritten atomically."""
     if path.exists():
         lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in lines if _metrics_step(line) <= step]
         if len(kept) != len(lines):
-            path.write_text("".join(kept))
+            atomic_write(path, lambda f: f.write("".join(kept).encode()))
+
+
+def _metrics_step(line):  # the step of a metrics line; inf (dropped) for a line that is not a whole record
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _fmt_time(s):
@@ -296,7 +314,7 @@ def train(cfg, log=None):
     log(f"task {cfg.task}, preset {cfg.preset} ({n_params / 1e6:.2f}M params), data {run.data}, device {run.device} x {run.world}, "
         f"batch {cfg.batch} = {run.world} ranks x {cfg.accum} rounds x {run.micro}, bf16 {cfg.bf16 and cuda}, compile {cfg.compile and cuda}")
     t_start = time.time() - run.elapsed  # so that time.time() - t_start is the training time summed over resumes
-    t_log, step_log, losses, ckpt_losses = time.time(), run.step, [], []
+    t_log, step_log, losses, ckpt_losses, due = time.time(), run.step, [], [], False
     while not finished():
         loss = train_step(run, order)
         elapsed = time.time() - t_start
@@ -314,7 +332,11 @@ def train(cfg, log=None):
             log(f"step {run.step}/{cfg.iters} | loss {np.mean(losses):.4f} | {ips:.1f} img/s | kimg {run.step * cfg.batch / 1000:.1f} "
                 f"| lr {learning_rate(cfg, (run.step - 1) * cfg.batch):.2e} | elapsed {_fmt_time(run.elapsed)} | ETA {_fmt_time(max(eta, 0))}")
             t_log, step_log, losses = now, run.step, []
-        if run.step % cfg.ckpt_every == 0 or finished():
+        # Choice: a checkpoint that falls due while the loss is not finite waits for the next finite step, so a run
+        # that goes on to diverge keeps the checkpoint from before its trouble began (the end of a run always saves).
+        due = due or run.step % cfg.ckpt_every == 0
+        if (due and run.bad_steps == 0) or finished():
+            due = False
             t0 = time.time()
             good = [v for v in ckpt_losses if math.isfinite(v)]
             record = {"step": run.step, "kimg": run.step * cfg.batch / 1000, "loss": finite(np.mean(good)) if good else None,
