@@ -50,20 +50,24 @@ def _full_float32():
 
 
 def as_uint8_nchw(images):
-    """uint8 (N, H, W, 3) or (N, 3, H, W) array/tensor, or float (N, 3, H, W) in [-1, 1] -> uint8 (N, 3, H, W)."""
+    """uint8 (N, H, W, C) or (N, C, H, W) array/tensor, or float (N, C, H, W) in [-1, 1], C = 3 or 1 ->
+    uint8 (N, 3, H, W). Grayscale (C = 1) is replicated to RGB, as a grey PNG opened in RGB mode is
+    (DESIGN.md 2b: Fashion-MNIST FIDs)."""
     images = torch.as_tensor(images)
     if images.ndim != 4:
-        raise ValueError(f"images must be 4-D (N, H, W, 3) or (N, 3, H, W), got shape {tuple(images.shape)}")
+        raise ValueError(f"images must be 4-D (N, H, W, C) or (N, C, H, W), got shape {tuple(images.shape)}")
     if images.is_floating_point():
-        if images.shape[1] != 3:
-            raise ValueError(f"float images must be (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
-        return to_uint8(images)  # the quantisation step: as a saved PNG would be
-    if images.dtype != torch.uint8:
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"float images must be (N, 3 or 1, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        images = to_uint8(images)  # the quantisation step: as a saved PNG would be
+    elif images.dtype != torch.uint8:
         raise TypeError(f"images must be uint8 (0..255) or float in [-1, 1], got {images.dtype}")
-    if images.shape[-1] == 3 and images.shape[1] != 3:
+    elif images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.permute(0, 3, 1, 2)  # NHWC (numpy / PNG convention) -> NCHW
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
     if images.shape[1] != 3:
-        raise ValueError(f"need 3 RGB channels, got shape {tuple(images.shape)}; convert grayscale images to RGB")
+        raise ValueError(f"need 3 (RGB) or 1 (grey) channels, got shape {tuple(images.shape)}")
     return images
 
 
@@ -297,7 +301,7 @@ def image_batches(path, batch_size=100, num=0):
 
 @dataclasses.dataclass
 class EvalConfig:
-    samples: str = ""  # folder of image files (sorted by name) or .npz with `arr_0` uint8 (N, H, W, 3)
+    samples: str = ""  # folder of image files (sorted by name), .npz with `arr_0` uint8 (N, H, W, C), or statistics (a `ref` npz)
     ref: str = ""  # reference npz: ours (from `ref`), EDM's (mu, sigma) or ADM's (mu, sigma, arr_0)
     num: int = 0  # use the first num samples (0 = all); printed beside the FID
     network: str = ""  # FID network file (.pt TorchScript or pytorch-fid .pth); "" = $MINIDIFFIT_INCEPTION or download; "tiny-random" = test net, NOT a real FID
@@ -314,8 +318,9 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class RefConfig:
-    data: str = "cifar10"  # dataset for minidiffit.data.load_dataset: cifar10 | folder | synthetic
-    data_dir: str = ""  # its root ("" = torchvision's download cache for cifar10)
+    data: str = "cifar10"  # dataset for minidiffit.data.load_dataset: cifar10 | fashion_mnist | folder | synthetic
+    data_dir: str = ""  # its root ("" = torchvision's download cache for cifar10 / fashion_mnist)
+    split: str = "train"  # train or test (the torchvision sets; a folder has one split)
     out: str = ""  # where to write the npz {mu, sigma, num, network, data}
     num: int = 0  # use the first num images (0 = all; CIFAR-10 train has 50k)
     network: str = ""  # as for evaluation; the same network must be used for both sides
@@ -326,6 +331,7 @@ class RefConfig:
     def validate(self):
         check(self.out, "ref needs --out=REF.npz")
         check(self.num >= 0 and self.batch > 0, "--num must be >= 0 and --batch > 0")
+        check(self.split in ("train", "test"), f"--split={self.split}: choose train or test")
 
 
 def _network(cfg):
@@ -334,7 +340,8 @@ def _network(cfg):
 
 
 def build_reference(cfg):
-    ds = load_dataset(cfg.data, root=cfg.data_dir or None)
+    split = {"train": cfg.split == "train"} if cfg.data in ("cifar10", "fashion_mnist") else {}
+    ds = load_dataset(cfg.data, root=cfg.data_dir or None, **split)
     images = ds.images[: cfg.num or None]  # (N, 3, H, W) uint8
     if cfg.num > len(ds.images):
         raise ValueError(f"asked for --num={cfg.num} but {cfg.data} has only {len(ds.images)} images")
@@ -350,13 +357,18 @@ def build_reference(cfg):
 def evaluate(cfg):
     ref = load_reference(cfg.ref)
     net, device = _network(cfg)
-    batches, n = image_batches(cfg.samples, cfg.batch, cfg.num)
-    stats, kept = FeatureStats(), []
-    for batch in batches:
-        f = features(batch, net, cfg.batch)
-        stats.update(f)
-        kept.append(f)
-    fake = np.concatenate(kept)
+    if cfg.samples.endswith(".npz") and "arr_0" not in _read_npz(cfg.samples, "samples", ())[0]:
+        # statistics against statistics (e.g. the real-vs-real floor: `ref` of the train split vs the test split)
+        other = load_reference(cfg.samples)
+        mean_cov, n, fake = (other["mu"], other["sigma"]), other["num"], other["features"]
+    else:
+        batches, n = image_batches(cfg.samples, cfg.batch, cfg.num)
+        stats, kept = FeatureStats(), []
+        for batch in batches:
+            f = features(batch, net, cfg.batch)
+            stats.update(f)
+            kept.append(f)
+        mean_cov, fake = stats.mean_cov(), np.concatenate(kept)
     if ref["mu"] is None or (cfg.pr and ref["features"] is None and ref["images"] is not None):
         ref["features"] = features(ref["images"], net, cfg.batch)  # ADM's reference batch: its images
         if ref["mu"] is None:
@@ -364,9 +376,9 @@ def evaluate(cfg):
     if ref["mu"].shape != (net.feature_dim,):
         raise ValueError(f"{cfg.ref} holds {ref['mu'].shape[0]}-d statistics but the network {net.source} gives "
                          f"{net.feature_dim}-d features; build the reference with the same --network")
-    fid = frechet_distance(*stats.mean_cov(), ref["mu"], ref["sigma"])
+    fid = frechet_distance(*mean_cov, ref["mu"], ref["sigma"])
     line = f"FID {fid:.4f}  samples {n} ({cfg.samples})  ref {cfg.ref}" + (f" ({ref['num']} images)" if ref["num"] else "")
-    if cfg.pr and ref["features"] is not None:
+    if cfg.pr and ref["features"] is not None and fake is not None:
         p, r = precision_recall(ref["features"], fake, device=device)
         line += f"  precision {p:.4f}  recall {r:.4f}"
     line += f"  network {net.source}"

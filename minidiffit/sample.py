@@ -39,22 +39,26 @@ class SampleConfig:
     # sample.py applies; half a grey level moves FID, so the released numbers are reproduced with theirs.
     quantize: str = ""  # float -> uint8: round, truncate, or "" (round; truncate for --weights)
     overwrite: bool = False  # replace an existing .npz / .png output (a PNG folder is resumed, never replaced)
+    guidance: float = 0.0  # latent task: constant classifier-free guidance scale (1 = none; 0 = the model's default)
+    nrow: int = 0  # .png grid: images per row (0 = square); 10 with 10 classes puts class c in column c
 
     def validate(self):
         check(bool(self.ckpt) != bool(self.weights), "pass one of --ckpt=<runs/x/ckpt.pt> or --weights=<released .safetensors>")
         check(self.num_samples > 0 and self.batch > 0 and self.steps >= 0, "--num_samples and --batch must be > 0, --steps >= 0")
         check(self.quantize in ("", "round", "truncate"), f"--quantize={self.quantize}: choose round or truncate")
+        check(self.guidance == 0 or self.guidance >= 1, f"--guidance={self.guidance}: a scale >= 1 (1 = no guidance), or 0 for the default")
         check(Path(self.out).suffix.lower() in ("", ".npz", ".png"),
               f"--out={self.out}: write a folder (PNGs), a .npz or a .png grid")
 
 
-def generate_images(model, cfg, indices, steps=18, batch=256):
-    """float images (len(indices), C, H, W) in [-1, 1]; image i from seed indices[i] only, any batching."""
+def generate_images(model, cfg, indices, steps=18, batch=256, **options):
+    """float images (len(indices), C, H, W) in [-1, 1]; image i from seed indices[i] only, any batching.
+    `options` go to the task's generate (the latent task's `guidance=`)."""
     task = get_task(cfg.task)
     chunks = []
     for start in range(0, len(indices), batch):
         seeds = torch.as_tensor(indices[start:start + batch], dtype=torch.int64)
-        chunks.append(task.generate(model, seeds, cfg, steps).cpu())
+        chunks.append(task.generate(model, seeds, cfg, steps, **options).cpu())
     return torch.cat(chunks) if chunks else torch.zeros(0)
 
 
@@ -110,7 +114,10 @@ def sample(scfg, log=None):
         source = {"ckpt": str(Path(scfg.ckpt).resolve()), "step": ckpt["step"], "ema": scfg.ema}
     steps = scfg.steps or cfg.sample_steps
     quantize = scfg.quantize or ("truncate" if scfg.weights else "round")
-    source.update(steps=steps, quantize=quantize)
+    options = {"guidance": scfg.guidance} if scfg.guidance else {}
+    if options and cfg.task != "latent":
+        raise ValueError(f"--guidance is the latent task's (class-conditional) setting; this is a {cfg.task!r} model")
+    source.update(steps=steps, quantize=quantize, **options)
     mine = list(range(rank, scfg.num_samples, world))  # strided: rank r makes images r, r + world, ...
     if kind == "dir":
         if rank == 0:
@@ -123,7 +130,7 @@ def sample(scfg, log=None):
     chunks = []  # npz / grid: uint8 batches, so 50k ImageNet images stay ~10 GB rather than ~40 GB of floats
     for start in range(0, len(mine), scfg.batch):
         idx = mine[start:start + scfg.batch]
-        x = to_uint8(generate_images(model, cfg, idx, steps, scfg.batch), quantize)  # (b, C, H, W) uint8
+        x = to_uint8(generate_images(model, cfg, idx, steps, scfg.batch, **options), quantize)  # (b, C, H, W) uint8
         if kind == "dir":
             for i, arr in zip(idx, x.permute(0, 2, 3, 1).numpy()):
                 save_png(arr, out / png_name(i))
@@ -131,7 +138,7 @@ def sample(scfg, log=None):
             chunks.append(x)
         log(f"  {start + len(idx)}/{len(mine)} images on rank 0")
     if kind == "grid":
-        save_grid(to_float(torch.cat(chunks)), out)
+        save_grid(to_float(torch.cat(chunks)), out, nrow=scfg.nrow or None)
     elif kind == "npz":
         _write_npz(out, chunks, rank, world, scfg.num_samples, get_task(cfg.task), model, cfg)
     barrier()

@@ -288,3 +288,22 @@ def test_edm_and_adm_reference_formats(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         fid.main([f"--samples={tmp_path / 'samples.npz'}", f"--ref={tmp_path / 'wide.npz'}", "--network=tiny-random"])
     assert e.value.code == 2 and "same --network" in capsys.readouterr().err
+
+
+def test_grey_images_are_scored_as_rgb_and_statistics_files_compare_directly(tmp_path, capsys):
+    rng = np.random.default_rng(11)
+    grey = rng.integers(0, 256, size=(12, 32, 32, 1), dtype=np.uint8)
+    net = fid.get_network("tiny-random")
+    rgb_feats = fid.features(np.repeat(grey, 3, axis=-1), net)  # what a grey PNG opened as RGB gives
+    # the same pixels; float rounding differs with the memory layout (the RGB copy arrives NHWC-strided)
+    assert torch.equal(fid.as_uint8_nchw(grey), fid.as_uint8_nchw(np.repeat(grey, 3, axis=-1)))
+    np.testing.assert_allclose(fid.features(grey, net), rgb_feats, rtol=1e-5, atol=1e-6)  # NHWC with C = 1
+    np.testing.assert_allclose(fid.features(torch.from_numpy(grey).permute(0, 3, 1, 2), net), rgb_feats, rtol=1e-5, atol=1e-6)
+    # the floor's form: statistics against statistics, no images on either side
+    other = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    a, b = fid.feature_statistics(rgb_feats), fid.feature_statistics(fid.features(other, net))
+    fid.save_reference(tmp_path / "a.npz", *a, num=12)
+    fid.save_reference(tmp_path / "b.npz", *b, num=12)
+    got = fid.main([f"--samples={tmp_path / 'a.npz'}", f"--ref={tmp_path / 'b.npz'}", "--network=tiny-random"])
+    assert got == pytest.approx(fid.frechet_distance(*a, *b), rel=1e-9) and got > 0
+    assert "samples 12" in capsys.readouterr().out
