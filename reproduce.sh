@@ -14,6 +14,7 @@ usage: bash reproduce.sh <command> [args]
 commands:
   setup        create .venv (if missing) and install minidiffit with its dev extra
   test         unit tests, then every notebook under nbval in FAST mode
+  fashion      [--data_dir=DIR]  the laptop tier: both DiffiT pipelines on Fashion-MNIST, grids and FIDs (<= 30 min on 2 CPU cores)
   cifar10      [--data_dir=DIR] [--key=value ...] CUDA: paper recipe, 50k samples, FID; no CUDA: CPU tier (--minutes=30)
   imagenet256  DATA_DIR [--ref=ADM_REF.npz] [--key=value ...] | --weights FILE   prepare, train, sample, FID; no CUDA: FAST toy run
   help         this message
@@ -250,12 +251,98 @@ imagenet256_fast() {
   echo "== FAST pipeline done: every stage ran; $out/results_*.txt (tiny random features, NOT a real FID)"
 }
 
+# The laptop tier (DESIGN.md 2b): Fashion-MNIST, both models through the package's real code paths, every stage
+# resumable and skipped when done, then FIDs with the real Inception network against the test set beside the
+# real-vs-real floor at the same sample count, appended to results/fashion.txt. --data_dir= is torchvision's
+# Fashion-MNIST root (downloaded into ~/.cache/minidiffit without it). MINIDIFFIT_FAST=1: a few steps of each.
+run_fashion() {
+  setup
+  local args=() a
+  while IFS= read -r a; do args+=("$a"); done < <(absolute_args "$@")
+  for a in ${args[@]+"${args[@]}"}; do
+    [[ "$a" == --data_dir=* ]] || { echo "reproduce.sh fashion: unknown option '$a' (it takes --data_dir=DIR only)" >&2; exit 2; }
+  done
+  local data=(--data=fashion_mnist) data_dir
+  data_dir=$(arg_value data_dir "" ${args[@]+"${args[@]}"})
+  [[ -n "$data_dir" ]] && data+=(--data_dir="$data_dir")
+  local out=runs/fashion edm_min=12 ae_min=2 lat_min=7 num=500 net=() t0=$SECONDS
+  local edm_len=() ae_len=() lat_len=() prep=() lat_steps=250 where="CPU (2 cores assumed)"
+  if [[ "${MINIDIFFIT_FAST:-0}" == 1 ]]; then
+    out=runs/fashion_fast num=20 net=(--network=tiny-random) lat_steps=5 where="FAST pipeline check, NOT real FIDs"
+    edm_len=(--iters=2 --batch=8) ae_len=(--iters=3 --batch=16) lat_len=(--iters=2 --batch=8) prep=(--num=64)
+    echo "== FAST: every stage for a few steps -> $out"
+  elif [[ $(cuda_count) -gt 0 ]]; then
+    edm_min=60 ae_min=10 lat_min=60 num=10000 where="CUDA, longer budgets and $num samples"
+    echo "== CUDA: the same stages with longer budgets ($edm_min + $ae_min + $lat_min min) and $num samples per FID"
+  else
+    echo "== no CUDA: CPU budgets $edm_min + $ae_min + $lat_min min of training, FIDs on $num samples (about 30 min)"
+  fi
+  [[ ${#edm_len[@]} -gt 0 ]] || edm_len=(--minutes=$edm_min --iters=1000000 --batch=64)
+  [[ ${#ae_len[@]} -gt 0 ]] || ae_len=(--minutes=$ae_min)
+  [[ ${#lat_len[@]} -gt 0 ]] || lat_len=(--minutes=$lat_min --iters=1000000 --batch=128)
+  fresh() { [[ -f $1 && $1 -nt $2 ]]; }  # output $1 exists and is newer than input $2
+
+  echo "== 1/6 image space: DiffiT U-Net (preset fashion, 1 channel, TMSA), EDM recipe -> $out/edm"
+  # Choice: laptop settings: batch 64, lr 1e-3 after a 0.5 kimg warm-up, no augmentation, EDM's EMA ramp.
+  "$PY" -m minidiffit.train --preset=fashion "${data[@]}" --out=$out/edm "${edm_len[@]}" --lr=1e-3 --warmup_kimg=0.5 \
+    --augment_p=0 --ckpt_every=200 --log_every=20 --grid=0
+  if fresh $out/edm/samples.png $out/edm/ckpt.pt; then echo "== $out/edm/samples.png is up to date"; else
+    "$PY" -m minidiffit.sample --ckpt=$out/edm/ckpt.pt --num_samples=100 --nrow=10 --out=$out/edm/samples.png --overwrite=true
+  fi
+
+  echo "== 2/6 latent space: a small autoencoder (32x32x1 -> 8x8x4), its scale measured as 1/std -> $out/ae"
+  "$PY" -m minidiffit.autoencoder "${data[@]}" --out=$out/ae "${ae_len[@]}"
+  echo "== 3/6 prepare: its latents of the training set, both flips, shards + manifest -> $out/latents"
+  "$PY" -m minidiffit.imagenet prepare "${data[@]}" --out=$out/latents --vae=$out/ae/ckpt.pt --num_workers=0 \
+    --batch=256 ${prep[@]+"${prep[@]}"}
+  echo "== 4/6 latent DiffiT (preset fashion), class labels with dropout 0.1, ADM diffusion, learned variance -> $out/latent"
+  # Choice: EDM's EMA ramp (half-life at most 5% of the images seen) instead of DiT's 0.9999, which would keep the
+  # EMA at its initial weights through a run of a few thousand steps.
+  "$PY" -m minidiffit.train --task=latent --preset=fashion --data_dir=$out/latents --out=$out/latent "${lat_len[@]}" \
+    --lr=1e-3 --ema_halflife_kimg=500 --ema_rampup=0.05 --ckpt_every=200 --log_every=20 --grid=0
+  if fresh $out/latent/samples.png $out/latent/ckpt.pt; then echo "== $out/latent grids are up to date"; else
+    # column c holds class c; the sweep uses the same seeds (same noise, same classes) at guidance 1 and 4
+    "$PY" -m minidiffit.sample --ckpt=$out/latent/ckpt.pt --num_samples=100 --nrow=10 --steps=$lat_steps --out=$out/latent/samples.png --overwrite=true
+    for g in 1 4; do
+      "$PY" -m minidiffit.sample --ckpt=$out/latent/ckpt.pt --num_samples=30 --nrow=10 --steps=$lat_steps --guidance=$g \
+        --out=$out/latent/guidance_$g.png --overwrite=true
+    done
+  fi
+
+  echo "== 5/6 samples for FID: $num per model"
+  fresh $out/edm/samples_$num.npz $out/edm/ckpt.pt ||
+    "$PY" -m minidiffit.sample --ckpt=$out/edm/ckpt.pt --num_samples=$num --batch=100 --out=$out/edm/samples_$num.npz --overwrite=true
+  fresh $out/latent/samples_$num.npz $out/latent/ckpt.pt ||
+    "$PY" -m minidiffit.sample --ckpt=$out/latent/ckpt.pt --num_samples=$num --batch=100 --steps=$lat_steps \
+      --out=$out/latent/samples_$num.npz --overwrite=true
+
+  echo "== 6/6 FID with the Inception network vs $num test images, beside the real-vs-real floor (train vs test)"
+  mkdir -p $out/fid results
+  local split
+  for split in train test; do
+    [[ -f $out/fid/${split}_$num.npz ]] || "$PY" -m minidiffit.fid ref "${data[@]}" --split=$split --num=$num \
+      --out=$out/fid/${split}_$num.npz ${net[@]+"${net[@]}"}
+  done
+  local results=results/fashion.txt
+  [[ "${MINIDIFFIT_FAST:-0}" == 1 ]] && results=$out/results.txt
+  fid_once() {  # tag samples: one line in $results per (tag, samples), again only when the samples are newer
+    if grep -qsF -- "$1" $results && [[ $results -nt $2 ]]; then echo "== already in $results: $1"; return; fi
+    "$PY" -m minidiffit.fid --samples=$2 --ref=$out/fid/test_$num.npz --results=$results --tag="$1" ${net[@]+"${net[@]}"}
+  }
+  fid_once "fashion floor: Fashion-MNIST train vs test, N=$num [$where]" $out/fid/train_$num.npz
+  fid_once "fashion image-space DiffiT, $out/edm, Heun 18 steps (35 NFE), N=$num [$where]" $out/edm/samples_$num.npz
+  fid_once "fashion latent DiffiT, $out/latent, $lat_steps ancestral steps, guidance default, N=$num [$where]" $out/latent/samples_$num.npz
+  echo "== done in $(( (SECONDS - t0) / 60 )) min $(( (SECONDS - t0) % 60 )) s: grids $out/edm/samples.png, $out/latent/samples.png, $out/latent/guidance_{1,4}.png; FIDs in $results"
+  tail -n 3 $results
+}
+
 main() {
   local cmd=${1:-help}
   [[ $# -gt 0 ]] && shift
   case "$cmd" in
     setup) setup "$@" ;;
     test) run_tests "$@" ;;
+    fashion) run_fashion "$@" ;;
     cifar10) run_cifar10 "$@" ;;
     imagenet256) run_imagenet256 "$@" ;;
     help|-h|--help) usage ;;

@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -165,3 +167,29 @@ def test_license_and_the_readme_deviation_grep_lists_every_marked_choice():
         for i, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"#\s*(Choice|Deviation)\b", line):
                 assert f"{path.name}:{i}:" in listed, f"README's grep misses minidiffit/{path.name}:{i}: {line.strip()}"
+
+
+FASHION = os.environ.get("MINIDIFFIT_FASHION_MNIST") or str(ROOT.parent / "shared/data/fashion_mnist")
+
+
+@pytest.mark.skipif(not Path(FASHION, "FashionMNIST").is_dir(),
+                    reason="Fashion-MNIST not found (set MINIDIFFIT_FASHION_MNIST to a torchvision root holding FashionMNIST/)")
+def test_reproduce_fashion_fast_runs_every_stage_then_skips_them():
+    """The laptop tier end to end in FAST mode (a few steps of each stage, a random feature net), then a rerun
+    that finds every stage done. About a minute."""
+    out = ROOT / "runs" / "fashion_fast"
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "MINIDIFFIT_FAST": "1"}
+    run = lambda: subprocess.run(["bash", str(ROOT / "reproduce.sh"), "fashion", f"--data_dir={FASHION}"],  # noqa: E731
+                                 capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    first = run()
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    for f in ("edm/ckpt.pt", "edm/samples.png", "ae/ckpt.pt", "latents/manifest.json", "latent/ckpt.pt",
+              "latent/samples.png", "latent/guidance_1.png", "latent/guidance_4.png"):
+        assert (out / f).is_file(), f"reproduce.sh fashion did not write {f}"
+    lines = (out / "results.txt").read_text().splitlines()
+    assert len(lines) == 3 and all("FID" in line and "N=20" in line for line in lines)
+    assert [("floor" in l, "image-space" in l, "latent" in l) for l in lines] == [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    second = run()
+    assert second.returncode == 0 and "already done" in second.stdout and "up to date" in second.stdout
+    assert (out / "results.txt").read_text().splitlines() == lines  # nothing measured twice
