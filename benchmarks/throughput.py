@@ -19,7 +19,6 @@ import torch
 from minidiffit import edm_task, latent_task
 from minidiffit.adm import GaussianDiffusion
 from minidiffit.latent import default_guidance
-from minidiffit.train import TrainConfig
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--smoke", action="store_true", help="tiny presets and 2 timed steps (CPU check of the script)")
@@ -96,8 +95,8 @@ def sample_row(cfg, batch):
     return batch / (sec * 250)
 
 
-edm_cfg = TrainConfig(task="edm", preset="tiny" if args.smoke else "cifar10", augment_p=0.12)
-lat_cfg = TrainConfig(task="latent", **{**latent_task.DEFAULTS, "preset": "tiny" if args.smoke else "XL/2"})
+edm_cfg = edm_task.Config(preset="tiny" if args.smoke else "cifar10", augment_p=0.12)
+lat_cfg = latent_task.Config(preset="tiny" if args.smoke else "XL/2")
 lat_size = 8 if args.smoke else 32
 edm_batch = 8 if args.smoke else 128  # per GPU: the paper's 512 is split over 8 A100s (64 each) or accumulated
 lat_batch = 4 if args.smoke else 32
@@ -116,9 +115,9 @@ for fast in (True, False):
     label = "bf16 + compile + fused Adam + TF32" if (fast and cuda) else "float32 eager"
     if fast and not cuda:
         continue  # the fast path is CUDA-only; on the CPU both rows would be the same
-    ips, mem = train_row(edm_task.TASK, edm_cfg, edm_batch_fn, edm_batch, fast)
+    ips, mem = train_row(edm_task, edm_cfg, edm_batch_fn, edm_batch, fast)
     rows.append((f"train `{edm_cfg.preset}` (U-Net, EDM), batch {edm_batch}", ips, mem, label))
-    ips, mem = train_row(latent_task.TASK, lat_cfg, lat_batch_fn, lat_batch, fast)
+    ips, mem = train_row(latent_task, lat_cfg, lat_batch_fn, lat_batch, fast)
     rows.append((f"train `{lat_cfg.preset}` (latent), batch {lat_batch}", ips, mem, label))
 rows.append((f"sample `{lat_cfg.preset}`, 250 steps + guidance, batch {lat_batch}", sample_row(lat_cfg, lat_batch),
              float("nan"), "float32/TF32"))
