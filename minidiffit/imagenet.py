@@ -2,9 +2,10 @@
 
 DiffiT's ImageNet-256/512 results (DiffiT Sec. 4, App. I.2) train a latent model on Stable Diffusion VAE
 latents, as DiT does. `prepare` encodes every image once (both horizontal flips) so training never runs
-the VAE; `LatentShardDataset` serves those latents to the training loop. Introduced in
-notebooks/09_imagenet256.ipynb. Command line:
+the VAE; `LatentShardDataset` serves those latents to the training loop. The laptop tier (DESIGN.md 2b): the
+same on Fashion-MNIST with our autoencoder.py. Introduced in notebooks/09_imagenet256.ipynb. Command line:
     python -m minidiffit.imagenet prepare --data_dir=IMAGENET/train --out=LATENTS [--vae=...] [--key=value]
+    python -m minidiffit.imagenet prepare --data=fashion_mnist --data_dir=ROOT --vae=runs/fashion/ae/ckpt.pt --out=LATENTS
     python -m minidiffit.imagenet synthetic --out=DIR   (a tiny class-folder set for FAST runs and tests)
 """
 
@@ -19,9 +20,9 @@ import torch
 from PIL import Image
 
 from .config import check, run_command
-from .data import list_image_folder, read_image, to_float
+from .data import list_image_folder, load_dataset, read_image, to_float
 from .runtime import atomic_write, barrier, fingerprint, init_process, write_json
-from .vae import SD_VAE_SCALE, LatentVAE, VAEConfig, load_vae
+from .vae import VAEConfig, load_vae, vae_shape
 
 MANIFEST = "manifest.json"
 FORMAT = "minidiffit-latents/1"  # bumped whenever the shard layout changes
@@ -96,10 +97,13 @@ def make_synthetic_imagefolder(root, num_classes=3, per_class=4, size=64, seed=0
 
 @dataclass
 class PrepareConfig:
-    data_dir: str = ""  # ImageFolder root (ImageNet: .../train with the 1000 n*/ class folders)
+    data: str = "folder"  # folder: class folders, ADM crop, RGB (ImageNet); or cifar10, fashion_mnist (train split, as data.py)
+    data_dir: str = ""  # ImageFolder root (ImageNet: .../train with the 1000 n*/ class folders), or torchvision's root
     out: str = ""  # output folder for manifest.json and shard_00000.pt ...
-    image_size: int = 256  # ADM center crop size; 256 -> latents 4x32x32, 512 -> 4x64x64
-    vae: str = "stabilityai/sd-vae-ft-ema"  # Hugging Face id, local diffusers folder, or "tiny" (random, tests)
+    # A torchvision set is encoded at its stored size (the manifest's image_size): it takes only the default 256.
+    image_size: int = 256  # ADM center crop size (--data=folder): 256 -> latents 4x32x32, 512 -> 4x64x64
+    vae: str = "stabilityai/sd-vae-ft-ema"  # Hugging Face id, diffusers folder, "tiny" (random, tests), autoencoder ckpt.pt
+    num: int = 0  # encode the first num images only (0 = all): small trials and tests
     batch: int = 64  # images per VAE call (each goes through twice: as is and flipped)
     shard_size: int = 2048  # images per shard file (2048 x 2 x 4x32x32 fp16 = 32 MiB at 256 px)
     dtype: str = "float16"  # float16 or float32. Choice: fp16 halves the disk (ImageNet-256: 21.0 GB, not 42.0)
@@ -109,19 +113,36 @@ class PrepareConfig:
     device: str = ""  # "" picks cuda:LOCAL_RANK when CUDA is available, else cpu
 
     def validate(self):
-        check(self.data_dir and self.out, "prepare needs --data_dir=IMAGEFOLDER and --out=LATENT_DIR")
+        check(self.data in ("folder", "cifar10", "fashion_mnist"), f"--data={self.data}: choose folder, cifar10 or fashion_mnist")
+        check(self.data_dir and self.out, "prepare needs --data_dir=IMAGEFOLDER (or a torchvision root) and --out=LATENT_DIR")
         check(self.dtype in ("float16", "float32"), f"--dtype={self.dtype}: choose float16 or float32")
-        check(self.image_size > 0 and self.image_size % 8 == 0, f"--image_size={self.image_size}: a positive multiple of 8 (the VAE downsamples 8x)")
-        check(min(self.batch, self.shard_size) > 0 and self.num_workers >= 0, "--batch and --shard_size must be > 0, --num_workers >= 0")
+        check(self.image_size > 0 and (self.image_size % 8 == 0 or self.vae.endswith(".pt")),  # an autoencoder: see prepare
+              f"--image_size={self.image_size}: a positive multiple of 8 (the VAE downsamples 8x)")
+        check(self.data == "folder" or self.image_size == 256, f"--image_size={self.image_size}: {self.data} images are "
+              "encoded at their stored size; --image_size applies to --data=folder only")
+        check(min(self.batch, self.shard_size) > 0 and min(self.num_workers, self.num) >= 0,
+              "--batch and --shard_size must be > 0, --num_workers and --num >= 0")
 
 
-def _plan(cfg, dataset, scale_factor):
-    """The manifest without its progress fields: what a resumed run must agree with."""
-    n, latent = len(dataset), cfg.image_size // 8
+def _dataset(cfg):
+    """(dataset of (uint8 (C, H, W), label), class names) of cfg.data: its first cfg.num images (0: all)."""
+    if cfg.data == "folder":  # uint8 here too: 4x less to copy to the GPU
+        data = images = ImageFolder(cfg.data_dir, cfg.image_size, output="uint8")
+    else:  # in memory, uint8 (N, C, H, W)
+        data = load_dataset(cfg.data, cfg.data_dir, train=True)
+        images = torch.utils.data.TensorDataset(data.images, data.labels)
+    if cfg.num > len(images):
+        raise ValueError(f"--num={cfg.num} but {cfg.data_dir} holds only {len(images)} images; pass --num={len(images)} or fewer")
+    return torch.utils.data.Subset(images, range(cfg.num or len(images))), data.classes
+
+
+def _plan(cfg, n, classes, size, vae):
+    """The manifest without its progress fields: what a resumed run must agree with. `vae`: vae.vae_shape's."""
+    scale_factor, _, channels, down = vae  # (scale, image channels, latent channels, downsampling)
     shards = [{"file": f"shard_{s:05d}.pt", "start": start, "count": min(cfg.shard_size, n - start)}
               for s, start in enumerate(range(0, n, cfg.shard_size))]
-    return {"format": FORMAT, "num_images": n, "num_classes": len(dataset.classes), "classes": dataset.classes,
-            "image_size": cfg.image_size, "latent_shape": [2, 4, latent, latent], "flips": ["none", "horizontal"],
+    return {"format": FORMAT, "data": cfg.data, "num_images": n, "num_classes": len(classes), "classes": list(classes),
+            "image_size": size, "latent_shape": [2, channels, size // down, size // down], "flips": ["none", "horizontal"],
             "dtype": cfg.dtype, "vae": cfg.vae, "scale_factor": scale_factor,
             "posterior": "sample" if cfg.sample_posterior else "mean", "seed": cfg.seed,
             "shard_size": cfg.shard_size, "shards": shards}
@@ -156,13 +177,18 @@ def read_manifest(out):
 def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
     """Encode `cfg.data_dir` into `cfg.out`; returns the manifest. Resumable and shardable over ranks.
 
-    `vae`: a `vae.LatentVAE`, or any object with `encode(x (B,3,H,W) in [-1,1]) -> (B,4,H/8,W/8)` scaled
-    latents; loaded from `cfg.vae` when None. Rank r writes the shards s with s % world_size == r and skips
-    those already on disk, so a killed run restarts at its first missing shard. Rank 0 marks it complete.
+    `vae`: a `vae.LatentVAE` (or AutoencoderVAE), or any object with `encode(x (B,3,H,W) in [-1,1]) -> (B,4,H/8,W/8)`
+    scaled latents; loaded from `cfg.vae` (which the manifest records, with the scale) when None. Rank r writes
+    shards s % world_size == r, skipping those on disk: a killed run restarts at its first missing shard.
     """
     out = Path(cfg.out)
-    dataset = ImageFolder(cfg.data_dir, cfg.image_size, output="uint8")  # uint8: 4x less to copy to the GPU
-    plan = _plan(cfg, dataset, getattr(vae, "scale", SD_VAE_SCALE) if vae is not None else VAEConfig().scale)
+    dataset, classes = _dataset(cfg)
+    shape = vae_shape(VAEConfig(source=cfg.vae), vae)  # (scale, image channels, latent channels, downsampling)
+    channels, size, _ = dataset[0][0].shape  # of the first image (C, H, W): all have it
+    if channels != shape[1] or size % shape[3]:
+        raise ValueError(f"the VAE {cfg.vae!r} takes {shape[1]}-channel images with sides divisible by {shape[3]}, "
+                         f"but --data={cfg.data} gives {channels}x{size}x{size}; pick a VAE made for these images")
+    plan = _plan(cfg, len(dataset), classes, size, shape)
     if (out / MANIFEST).exists():
         old = read_manifest(out)
         changed = [k for k in plan if old.get(k) != plan[k]]
@@ -185,9 +211,9 @@ def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
         device = torch.device(cfg.device or local)
         if vae is None:
             vae = load_vae(VAEConfig(source=cfg.vae), device)
-        # A LatentVAE (vae.py) honours cfg.sample_posterior; any other encoder (tests) is called as encode(x).
+        # A LatentVAE or AutoencoderVAE honours cfg.sample_posterior; any other encoder (tests) is called as encode(x).
         encode = vae.encode
-        if isinstance(vae, LatentVAE):
+        if hasattr(vae, "scale"):
             encode = functools.partial(vae.encode, sample=cfg.sample_posterior)
         _log(rank, f"encoding {len(todo)} of this rank's {len(mine)} shards on {device} (the rest exist)")
         # Seeding per batch below must not leave the caller's random state changed.
@@ -211,11 +237,11 @@ def _encode_shards(cfg, plan, todo, dataset, encode, device, out, rank):
     batches = [(s, list(range(b, min(b + cfg.batch, shard["start"] + shard["count"]))))
                for s in todo for shard in [plan["shards"][s]]
                for b in range(shard["start"], shard["start"] + shard["count"], cfg.batch)]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b for _, b in batches], num_workers=cfg.num_workers,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b for _, b in batches], pin_memory=device.type == "cuda",
+                                         num_workers=cfg.num_workers if cfg.data == "folder" else 0)  # else: in memory
     parts = []
     for (s, indices), (x, y) in zip(batches, loader):
-        x = to_float(x.to(device, non_blocking=True))  # (B, 3, H, W) in [-1, 1]
+        x = to_float(x.to(device, non_blocking=True))  # (B, C, H, W) in [-1, 1]
         # Choice: store one posterior sample, as fast-DiT's feature extraction does (DiT, encoding on the
         # fly, drew a fresh one each step), seeded from the batch's first index so that a resumed or
         # multi-GPU run writes the same numbers. The SD VAE's posterior is narrow next to the spread of its
@@ -326,7 +352,6 @@ class LatentShardDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------
 # Command line
 
-
 @dataclass
 class ReferenceConfig:
     data_dir: str = ""  # image folder with class subfolders
@@ -359,20 +384,16 @@ def run_prepare(cfg):
     return prepare(cfg, rank=rank, world_size=world)
 
 
-def run_synthetic(cfg):
-    make_synthetic_imagefolder(cfg.out, cfg.num_classes, cfg.per_class, cfg.size, cfg.seed)
-    print(f"wrote {cfg.num_classes * cfg.per_class} images in {cfg.num_classes} class folders under {cfg.out}")
-
-
-def run_reference(cfg):
-    write_reference_batch(cfg.data_dir, cfg.out, cfg.image_size, cfg.num)
-    print(f"wrote {cfg.out}")
+def run_synthetic(c):
+    make_synthetic_imagefolder(c.out, c.num_classes, c.per_class, c.size, c.seed)
+    print(f"wrote {c.num_classes * c.per_class} images in {c.num_classes} class folders under {c.out}")
 
 
 def main(argv=None):
+    reference = lambda c: print(f"wrote {write_reference_batch(c.data_dir, c.out, c.image_size, c.num)}")  # noqa: E731
     run_command("minidiffit.imagenet", __doc__, {"prepare": (lambda a: PrepareConfig(), run_prepare),
                                                  "synthetic": (lambda a: SyntheticConfig(), run_synthetic),
-                                                 "reference": (lambda a: ReferenceConfig(), run_reference)}, argv)
+                                                 "reference": (lambda a: ReferenceConfig(), reference)}, argv)
 
 
 if __name__ == "__main__":

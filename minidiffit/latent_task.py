@@ -34,7 +34,7 @@ REFERENCE_BATCH = 256  # DiffiT App. I.2: batch 256 at 256 px (512 at 512 px)
 @dataclass
 class Config(RunConfig):
     task: str = "latent"  # latent DiffiT trained with ADM's diffusion on stored VAE latents
-    preset: str = "XL/2"  # model preset (latent.LATENT_PRESETS): tiny, S/2, B/2, L/2, XL/2
+    preset: str = "XL/2"  # model preset (latent.LATENT_PRESETS): tiny, fashion, S/2, B/2, L/2, XL/2
     # Choice: the paper gives no iteration count; 400k steps is DiT-XL/2's comparison point (its best
     # model trained 7M). Override with --iters / --minutes.
     iters: int = 400_000  # optimizer steps
@@ -98,8 +98,10 @@ def vae_source(cfg):
     """(source, scale) of the VAE that decodes this run's samples.
 
     The environment variable MINIDIFFIT_VAE=tiny forces the tiny random VAE (tests); otherwise the VAE that
-    encoded the training latents (their manifest records it), else Stable Diffusion's sd-vae-ft-ema. A
-    Hugging Face id is replaced by the local folder in MINIDIFFIT_VAE when that is set (see vae.load_vae).
+    encoded the training latents and the scale they were made with (their manifest records both: for our
+    autoencoder, its ckpt.pt and measured scale, which load_vae checks against the file), else Stable
+    Diffusion's sd-vae-ft-ema. A Hugging Face id is replaced by the local folder in MINIDIFFIT_VAE when that
+    is set (see vae.load_vae).
     """
     if os.environ.get("MINIDIFFIT_VAE") == "tiny":
         return "tiny", SD_VAE_SCALE
@@ -117,7 +119,7 @@ def _cached_vae(source, scale, device):
 
 @torch.no_grad()
 def decode(vae, z, chunk=32):
-    """Latents (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], decoded `chunk` at a time.
+    """Latents (N, 4, h, w) -> images (N, C, f h, f w) in [-1, 1] (SD: C = 3, f = 8), decoded `chunk` at a time.
 
     # Choice: clamp to [-1, 1] here; sample.py's quantisation round((x + 1) * 127.5) then equals ADM/DiT's
     # clamp(127.5 x + 128, 0, 255).to(uint8) (a floor of the same number plus 0.5) except on exact ties.
@@ -128,12 +130,12 @@ def decode(vae, z, chunk=32):
 
 @torch.no_grad()
 def generate(model, seeds, cfg, num_steps=250, guidance=None, channels=3, vae=None):
-    """Guided ancestral sampling (250 respaced steps, DESIGN.md Sec. 4) -> images (N, 3, H, W) in [-1, 1].
+    """Guided ancestral sampling (250 respaced steps, DESIGN.md Sec. 4) -> images (N, C, H, W) in [-1, 1].
 
     Image i: label seeds[i] % num_classes, and every random number of its trajectory (the initial noise and
     each step's noise) from its own generator seeded with seeds[i], so it is the same in any batch or rank.
-    `guidance`: None = the release's schedule for this resolution (power-cosine 4.4 at 256 px, constant
-    1.49 at 512 px), a float for a constant scale (1 = no guidance), or a latent.Guidance.
+    `guidance`: None = the preset's default (latent.default_guidance: the release's power-cosine 4.4 at 256 px,
+    constant 1.49 at 512 px), a float for a constant scale (1 = no guidance), or a latent.Guidance.
     `channels`: 3 guides eps channels 0..2 as released, None all four. Each step costs two network
     evaluations per image (the batch is doubled with the null label) unless guidance is 1.
     """
@@ -170,9 +172,10 @@ def load_data(cfg):
     found = tuple(data.manifest["latent_shape"][1:])
     expected = (lcfg.in_channels, lcfg.input_size, lcfg.input_size)
     if found != expected:
+        factor = data.manifest["image_size"] // found[-1]  # the VAE's downsampling
         raise ValueError(f"latents in {cfg.data_dir} are {found} (images of {data.manifest['image_size']} px) but "
-                         f"preset {cfg.preset!r} expects {expected}; prepare with --image_size={8 * lcfg.input_size} "
-                         "or choose a preset whose input_size matches")
+                         f"preset {cfg.preset!r} expects {expected}; prepare with --image_size={factor * lcfg.input_size} "
+                         "(or a VAE with other latents), or choose a preset whose latents match")
     if data.num_classes > lcfg.num_classes:
         raise ValueError(f"{cfg.data_dir} has {data.num_classes} classes but preset {cfg.preset!r} has only "
                          f"{lcfg.num_classes} labels; choose a preset with num_classes >= {data.num_classes}")

@@ -253,6 +253,40 @@ def test_prepare_ranks_write_disjoint_shards(folder, encoder, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["complete"]
 
 
+def test_prepare_takes_the_latent_shape_and_scale_from_the_vae(folder, tmp_path):
+    """Our autoencoder (downsampling 4, its own scale) on 32 px crops: 4x8x8 latents, not SD's 4x4x4."""
+    from minidiffit.autoencoder import Autoencoder, AutoencoderConfig, AutoencoderVAE
+
+    torch.manual_seed(0)
+    rgb = AutoencoderVAE(Autoencoder(AutoencoderConfig(image_channels=3, channels=(8, 8, 8))).eval(), scale=0.7)
+    manifest = prepare(_cfg(folder, tmp_path / "ae"), vae=rgb)
+    assert manifest["latent_shape"] == [2, 4, 8, 8] and manifest["scale_factor"] == 0.7 and manifest["image_size"] == 32
+    latents = torch.cat([s["latents"] for s in _shards(tmp_path / "ae").values()])  # (12, 2, 4, 8, 8)
+    x, _ = ImageFolder(folder, image_size=32)[3]
+    torch.testing.assert_close(latents[3], rgb.encode(torch.stack([x, x.flip(-1)]), sample=False), atol=1e-5, rtol=1e-4)
+    # --num: the first images only, in the same shards
+    manifest = prepare(_cfg(folder, tmp_path / "num", num=7), vae=rgb)
+    assert manifest["num_images"] == 7 and [s["count"] for s in manifest["shards"]] == [5, 2]
+    torch.testing.assert_close(_shards(tmp_path / "num")["shard_00000.pt"]["latents"], latents[:5], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="--num=13 but .* holds only 12 images"):
+        prepare(_cfg(folder, tmp_path / "more", num=13), vae=rgb)
+    gray = AutoencoderVAE(Autoencoder(AutoencoderConfig()).eval(), scale=1.0)  # Fashion-MNIST's: 1 channel
+    with pytest.raises(ValueError, match="takes 1-channel images.*gives 3x32x32"):
+        prepare(_cfg(folder, tmp_path / "gray"), vae=gray)
+    assert not (tmp_path / "gray").exists()  # refused before anything is written
+
+
+def test_prepare_config_checks_the_data_and_image_size():
+    base = dict(data_dir="d", out="o")
+    PrepareConfig(**base, data="fashion_mnist").validate()  # the default image_size: unused, accepted
+    PrepareConfig(**base, vae="runs/ae/ckpt.pt", image_size=36).validate()  # an autoencoder's factor: checked by prepare
+    for changes, message in [(dict(data="synthetic"), "--data=synthetic: choose folder, cifar10 or fashion_mnist"),
+                             (dict(data="fashion_mnist", image_size=32), "applies to --data=folder only"),
+                             (dict(image_size=36), "a positive multiple of 8"), (dict(num=-1), "--num >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            PrepareConfig(**base, **changes).validate()
+
+
 # ----------------------------------------------------------------------------
 # The training dataset over the shards
 

@@ -280,3 +280,16 @@ def test_meta_then_to_empty_then_initialize_weights_is_whole():
             assert torch.isfinite(ours).all() and ours.abs().max() < 10, name
     x, t, y = tiny_inputs()
     assert torch.isfinite(model(x, t, y)).all()
+
+
+def test_fashion_preset_and_its_explicit_guidance():
+    cfg = LATENT_PRESETS["fashion"]
+    assert (cfg.input_size, cfg.in_channels, cfg.patch_size, cfg.num_classes) == (8, 4, 2, 10)  # 8x8x4, 16 tokens
+    assert cfg.class_dropout_prob == 0.1 and cfg.learn_sigma
+    assert default_guidance(cfg) == 3.0  # its own, not the release's rule for 32 / 64 latents
+    assert default_guidance(LATENT_PRESETS["tiny"]) is GUIDANCE_PRESETS["256"]  # 8x8 without one: the 256 px rule
+    torch.manual_seed(0)
+    model = LatentDiffiT(cfg)
+    assert model.y_embedder.embedding_table.weight.shape == (11, cfg.dim)  # 10 classes + the null row
+    out = model.forward_with_cfg(torch.randn(2, 4, 8, 8), torch.tensor([0, 999]), torch.tensor([3, 9]), default_guidance(cfg))
+    assert out.shape == (2, 8, 8, 8)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidiffit import fid, latent_task
+from minidiffit import fid, latent, latent_task
 from minidiffit.adm import GaussianDiffusion
 from minidiffit.imagenet import PrepareConfig, make_synthetic_imagefolder, prepare, write_reference_batch
 from minidiffit.latent import LATENT_PRESETS, LatentDiffiT, save_safetensors
@@ -165,6 +165,17 @@ def test_generate_is_guided_ancestral_sampling_by_hand(run):
     unguided = latent_task.generate(model, seeds, cfg, num_steps=6, guidance=1.0, vae=vae)
     strong = latent_task.generate(model, seeds, cfg, num_steps=6, guidance=8.0, vae=vae)
     assert (unguided - strong).abs().max() > 1e-2
+
+
+def test_a_presets_own_guidance_is_the_default(run):
+    model, cfg, _ = build_from_checkpoint(run / "ckpt.pt")
+    randomized(model, seed=2)
+    model.cfg = dataclasses.replace(model.cfg, guidance=2.0)  # as the fashion preset sets 3.0
+    vae, seeds = load_vae(VAEConfig(source="tiny")), torch.tensor([1, 5])
+    got = latent_task.generate(model, seeds, cfg, num_steps=3, vae=vae)
+    torch.testing.assert_close(got, latent_task.generate(model, seeds, cfg, num_steps=3, guidance=2.0, vae=vae), rtol=0, atol=0)
+    release = latent_task.generate(model, seeds, cfg, num_steps=3, guidance=latent.GUIDANCE_PRESETS["256"], vae=vae)
+    assert (got - release).abs().max() > 1e-3
 
 
 def test_released_weights_path_matches_the_model(run, tmp_path, monkeypatch):

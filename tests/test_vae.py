@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("diffusers", reason="the VAE needs the latent extra: pip install minidiffit[latent]")
 
-from minidiffit.vae import SD_VAE_SCALE, VAEConfig, load_vae  # noqa: E402
+from minidiffit.vae import SD_VAE_SCALE, VAEConfig, load_vae, vae_shape  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +52,23 @@ def test_missing_local_vae_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIDIFFIT_VAE", str(tmp_path / "nowhere"))
     with pytest.raises(OSError, match="MINIDIFFIT_VAE"):
         load_vae(VAEConfig())
+
+
+def test_vae_tells_its_channels_and_downsampling(vae):
+    assert (vae.image_channels, vae.latent_channels, vae.downsampling) == (3, 4, 8)
+    assert vae_shape(vae=vae) == vae_shape(VAEConfig(source="tiny")) == (SD_VAE_SCALE, 3, 4, 8)
+    assert vae_shape(VAEConfig()) == (SD_VAE_SCALE, 3, 4, 8)  # SD's, known without downloading it
+    assert vae_shape(VAEConfig(scale=0.5))[0] == 0.5 and load_vae(VAEConfig(source="tiny", scale=0.5)).scale == 0.5
+    assert vae_shape(vae=object()) == (SD_VAE_SCALE, 3, 4, 8)  # an encoder without the attributes: SD's shapes
+
+
+def test_autoencoder_checkpoint_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIDIFFIT_VAE", str(tmp_path))  # replaces Hugging Face ids, never a .pt path
+    with pytest.raises(FileNotFoundError, match="no autoencoder checkpoint.*python -m minidiffit.autoencoder"):
+        load_vae(VAEConfig(source=str(tmp_path / "ckpt.pt")))
+    torch.save({"model": {}, "config": {"task": "edm"}, "step": 1}, tmp_path / "edm.pt")  # a diffusion run's
+    with pytest.raises(ValueError, match="not an autoencoder checkpoint"):
+        load_vae(VAEConfig(source=str(tmp_path / "edm.pt")))
+    torch.save({"model": {}, "config": {"kind": "autoencoder"}, "step": 1, "scale": None}, tmp_path / "half.pt")
+    with pytest.raises(ValueError, match="no measured scale factor yet"):
+        load_vae(VAEConfig(source=str(tmp_path / "half.pt")))
