@@ -218,11 +218,11 @@ def save_reference(path, mu, sigma, **meta):
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()}))
 
 
-def _read_npz(path, what, names):
+def _read_npz(path, what, names, hint=""):
     """(all keys, {name: array} for the `names` it holds) of an npz, or a one-line error naming the file when it
     is missing, empty, truncated, corrupt, pickled or not an npz at all."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} {path} not found")
+        raise FileNotFoundError(f"{what} {path} not found{hint}")
     try:
         with np.load(path, allow_pickle=False) as z:
             return z.files, {k: z[k] for k in names if k in z.files}
@@ -233,10 +233,8 @@ def _read_npz(path, what, names):
 
 def load_reference(path):
     """Reference npz -> dict with mu, sigma (float64 or None), images (uint8 NHWC or None), features, num."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"reference statistics {path} not found; build one with "
-                                f"`python -m minidiffit.fid ref --data=cifar10 --out={path}`")
-    keys, z = _read_npz(path, "reference statistics", ("mu", "sigma", "arr_0", "features", "num"))
+    keys, z = _read_npz(path, "reference statistics", ("mu", "sigma", "arr_0", "features", "num"),
+                        f"; build one with `python -m minidiffit.fid ref --data=cifar10 --out={path}`")
     ref = {"mu": z["mu"].astype(np.float64) if "mu" in z else None,
            "sigma": z["sigma"].astype(np.float64) if "sigma" in z else None,
            "images": z.get("arr_0"),  # ADM's reference batch
@@ -382,8 +380,7 @@ def evaluate(cfg):
         p, r = precision_recall(ref["features"], fake, device=device)
         line += f"  precision {p:.4f}  recall {r:.4f}"
     line += f"  network {net.source}"
-    print(line)
-    print(f"device {device}")
+    print(line + f"\ndevice {device}")
     if cfg.results:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with open(cfg.results, "a") as f:
