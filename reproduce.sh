@@ -265,7 +265,7 @@ run_fashion() {
   local data=(--data=fashion_mnist) data_dir
   data_dir=$(arg_value data_dir "" ${args[@]+"${args[@]}"})
   [[ -n "$data_dir" ]] && data+=(--data_dir="$data_dir")
-  local out=runs/fashion edm_min=12 ae_min=2 lat_min=7 num=500 net=() t0=$SECONDS
+  local out=runs/fashion edm_min=11 ae_min=2 lat_min=6.5 num=500 net=() t0=$SECONDS
   local edm_len=() ae_len=() lat_len=() prep=() lat_steps=250 where="CPU (2 cores assumed)"
   if [[ "${MINIDIFFIT_FAST:-0}" == 1 ]]; then
     out=runs/fashion_fast num=20 net=(--network=tiny-random) lat_steps=5 where="FAST pipeline check, NOT real FIDs"

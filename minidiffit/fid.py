@@ -379,7 +379,7 @@ def evaluate(cfg):
     if cfg.pr and ref["features"] is not None and fake is not None:
         p, r = precision_recall(ref["features"], fake, device=device)
         line += f"  precision {p:.4f}  recall {r:.4f}"
-    line += f"  network {net.source}"
+    line += f"  network {Path(net.source).name if Path(net.source).is_file() else net.source}"  # no machine paths
     print(line + f"\ndevice {device}")
     if cfg.results:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

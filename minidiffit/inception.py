@@ -205,12 +205,12 @@ def _download_pytorch_fid_weights():
         return torch.hub.load_state_dict_from_url(PYTORCH_FID_URL, progress=False, check_hash=True, map_location="cpu")
     except Exception as e:  # offline, proxy, hash mismatch: all end the same way for the user
         cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise RuntimeError(
+        raise FileNotFoundError(  # a missing file the user can fetch: the CLI shell prints it as one line, exit 2
             f"could not download the FID Inception weights ({type(e).__name__}: {e}).\n"
             f"Download {PYTORCH_FID_URL}\ninto {cache}/ (or anywhere), then pass its path: "
             f"load_inception(path=...), `--network=PATH` on the fid CLI, or set {ENV_VAR}=PATH. "
             f"The TorchScript network inception-2015-12-05.pt (EDM/StyleGAN) works too."
-        ) from e
+        ) from None
 
 
 def load_inception(path=None, device="cpu"):

@@ -193,3 +193,53 @@ def test_reproduce_fashion_fast_runs_every_stage_then_skips_them():
     second = run()
     assert second.returncode == 0 and "already done" in second.stdout and "up to date" in second.stdout
     assert (out / "results.txt").read_text().splitlines() == lines  # nothing measured twice
+
+
+# ----------------------------------------------------------------------------
+# reproduce.sh: what users type (issue 9's cases)
+
+
+def test_reproduce_checks_every_key_before_the_first_stage():
+    result = _reproduce("imagenet256", "--bogus=1")  # refused before prepare (hours of VAE encoding on a GPU box)
+    assert result.returncode == 2 and "unknown config key 'bogus'" in result.stderr
+    assert "prepare" not in result.stdout and "Traceback" not in result.stderr
+    result = _reproduce("cifar10", "--iters=-5")
+    assert result.returncode == 2 and "--iters=-5" in result.stderr and "Traceback" not in result.stderr
+    result = _reproduce("fashion", "--minutes=3")
+    assert result.returncode == 2 and "unknown option '--minutes=3'" in result.stderr
+
+
+def test_reproduce_cifar10_samples_the_run_it_trained_and_reads_paths_from_the_callers_directory(tmp_path):
+    from PIL import Image
+
+    for i in range(8):  # a relative --data_dir, typed in the caller's directory (not the repository)
+        (tmp_path / "mydata" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (30 * i, 90, 200)).save(tmp_path / "mydata" / f"c{i % 2}" / f"{i}.png")
+    out = ROOT / "runs" / "test_reproduce_cifar10"
+    shutil.rmtree(out, ignore_errors=True)
+    result = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "cifar10", "--data=folder", "--data_dir=mydata",
+                             "--preset=tiny", "--iters=2", "--batch=4", "--grid=0", f"--out={out}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    try:
+        assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-1500:]
+        assert "preset tiny" in result.stdout and f"-> {out}" in result.stdout  # the banner of this run
+        assert (out / "ckpt.pt").is_file() and (out / "samples.png").is_file()  # sampled the run it trained
+        assert "cifar10_cpu" not in result.stdout  # and never the default run's directory
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_reproduce_imagenet256_fast_skips_finished_stages_on_a_rerun():
+    out = ROOT / "runs" / "imagenet256_fast"
+    shutil.rmtree(out, ignore_errors=True)
+    first = _reproduce_long("imagenet256")
+    assert first.returncode == 0, first.stdout[-1500:] + first.stderr[-1500:]
+    results = {p.name: p.read_text() for p in out.glob("results_*.txt")}
+    assert len(results) == 2 and all(text.count("FID") == 1 for text in results.values())
+    second = _reproduce_long("imagenet256")
+    assert second.returncode == 0 and second.stdout.count("up to date") == 4 and "already done" in second.stdout
+    assert {p.name: p.read_text() for p in out.glob("results_*.txt")} == results  # nothing re-sampled or re-appended
+
+
+def _reproduce_long(*args):
+    return subprocess.run(["bash", str(ROOT / "reproduce.sh"), *args], capture_output=True, text=True, timeout=900, cwd=ROOT)
