@@ -8,7 +8,6 @@ kernel, no mount needed); the rest runs in-process through the CLI shell (config
 here are shared with test_faults_cli.py.
 """
 
-import dataclasses
 import errno
 import json
 import os
@@ -27,7 +26,8 @@ from PIL import Image
 from minidiffit import edm_task, fid
 from minidiffit import sample as S
 from minidiffit import train as T
-from minidiffit.runtime import load_checkpoint, save_checkpoint, temporary_path
+from conftest import random_tiny_checkpoint
+from minidiffit.runtime import load_checkpoint, temporary_path
 
 TINY = ["--preset=tiny", "--data=synthetic", "--num_data=24", "--batch=4", "--grid=0", "--augment_p=0",
         "--warmup_kimg=0.02", "--compile=false"]
@@ -102,15 +102,7 @@ def copy_run(trained, tmp_path):
 @pytest.fixture(scope="module")
 def sample_ckpt(tmp_path_factory):
     """A tiny-preset checkpoint with random (not zero-initialised) weights, so samples depend on the net."""
-    cfg = edm_task.Config(preset="tiny", data="synthetic", grid=0, augment_p=0, sample_steps=4)
-    torch.manual_seed(0)
-    model = edm_task.build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("model") / "ckpt.pt"
-    save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "step": 7, "config": dataclasses.asdict(cfg)}, path)
-    return path
+    return random_tiny_checkpoint(tmp_path_factory.mktemp("model") / "ckpt.pt", step=7, sample_steps=4)
 
 
 # ----------------------------------------------------------------------------

@@ -1,14 +1,12 @@
 """sample.py: image i comes from seed i alone (any batch size, order or output format); PNG dirs resume."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from minidiffit import edm_task
-from minidiffit.runtime import save_checkpoint, seeded_noise
+from conftest import random_tiny_checkpoint
+from minidiffit.runtime import seeded_noise
 from minidiffit.sample import SampleConfig, generate_images, main, sample
 from minidiffit.tasks import build_from_checkpoint
 
@@ -16,16 +14,7 @@ from minidiffit.tasks import build_from_checkpoint
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny-preset checkpoint with random (not zero-initialised) weights, so samples depend on the net."""
-    cfg = edm_task.Config(preset="tiny", data="synthetic", grid=0, augment_p=0)
-    torch.manual_seed(0)
-    model = edm_task.build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("run") / "ckpt.pt"
-    state = model.state_dict()
-    save_checkpoint({"model": state, "ema": state, "step": 0, "config": dataclasses.asdict(cfg)}, path)
-    return path
+    return random_tiny_checkpoint(tmp_path_factory.mktemp("run") / "ckpt.pt")
 
 
 def test_noise_of_image_i_is_seed_i():
