@@ -200,7 +200,7 @@ def test_offline_download_error_names_url_and_path_option(monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(FileNotFoundError) as err:
         inception.load_inception()
     msg = str(err.value)
     assert inception.PYTORCH_FID_URL in msg and "path" in msg and "MINIDIFFIT_INCEPTION" in msg
