@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import check, run_command
 from .data import load_dataset, save_grid, to_float, to_uint8
-from .runtime import check_resumable, check_same_data, derive_seed, load_checkpoint, save_checkpoint
+from .runtime import check_resumable, check_same_data, dataclass_from_dict, derive_seed, load_checkpoint, save_checkpoint
 
 # ----------------------------------------------------------------------------
 # Config
@@ -245,15 +245,10 @@ def load_autoencoder(path, device="cpu"):
     if ckpt.get("scale") is None:
         raise ValueError(f"autoencoder {path} has no measured scale factor yet (its run stopped before the end); rerun "
                          f"`python -m minidiffit.autoencoder` with the same settings to finish it")
-    cfg = _config_from_dict(ckpt["config"])
+    cfg = dataclass_from_dict(AutoencoderConfig, ckpt["config"])
     model = Autoencoder(cfg)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval().requires_grad_(False), ckpt["scale"]
-
-
-def _config_from_dict(d):
-    names = {f.name for f in dataclasses.fields(AutoencoderConfig)}
-    return AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
 
 def _config_dict(cfg):

@@ -152,6 +152,11 @@ def load_checkpoint(path, what="checkpoint"):
     return ckpt
 
 
+def dataclass_from_dict(cls, d):
+    """A config dataclass back from a checkpoint's dict: lists become tuples again, keys it lacks are dropped."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
 def check_resumable(saved, cfg, path):
     """Refuse a checkpoint that was made with different run-defining settings (all but cfg.RESUMABLE)."""
     ours = dataclasses.asdict(cfg)

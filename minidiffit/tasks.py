@@ -6,7 +6,7 @@ look tasks up here; the tasks themselves import only small helpers (runtime.py, 
 """
 
 from . import edm_task, latent_task
-from .runtime import load_checkpoint
+from .runtime import dataclass_from_dict, load_checkpoint
 
 TASKS = {
     "edm": edm_task,  # image-space DiffiT, EDM (CIFAR-10, FFHQ-64, Fashion-MNIST)
@@ -28,8 +28,7 @@ def task_config(argv):
 
 def config_from_dict(d):
     """A task's Config from a checkpoint's config dict (tuples come back as lists from some writers)."""
-    cls = get_task(d.get("task", "edm")).Config
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
+    return dataclass_from_dict(get_task(d.get("task", "edm")).Config, d)
 
 
 def build_from_checkpoint(path, use_ema=True, device="cpu"):
