@@ -2,8 +2,8 @@
 
 DDPM (Ho et al. 2020) with 1000 linear betas, epsilon prediction, the learned-range variance and hybrid
 loss of Improved DDPM (Nichol & Dhariwal 2021, Sec. 3.1), timestep respacing for fast sampling (Sec. 4),
-the ancestral sampler and DDIM (Song et al. 2021). DiffiT's latent model uses exactly DiT's settings
-(DESIGN.md Sec. 4). The image-space model uses EDM instead (`diffusion.py`). No model is imported here:
+the ancestral sampler, DDIM (Song et al. 2021) and DPM-Solver++(2M) (Lu et al. 2022). DiffiT's latent model
+uses exactly DiT's settings (DESIGN.md Sec. 4). The image-space model uses EDM instead (`diffusion.py`). No model is imported here:
 `model(x, t, **kwargs)` is any callable returning (B, 2C, ...) [eps | v], or (B, C, ...) eps only.
 Introduced in notebooks/08_latent_diffit.ipynb.
 """
@@ -12,6 +12,8 @@ import itertools
 import math
 
 import torch
+
+from .diffusion import dpm_solver_2m
 
 # ----------------------------------------------------------------------------
 # Schedules
@@ -285,3 +287,28 @@ class GaussianDiffusion:
             if i > 0 and eta > 0:
                 x = x + sigma * randn_like(x, generator)
         return x
+
+    @torch.no_grad()
+    def dpm_solver_sample_loop(self, model, noise, model_kwargs=None):
+        """DPM-Solver++(2M) over this diffusion's steps: deterministic, one network evaluation per step.
+
+        With x~ = x / sqrt(a) and s~ = sqrt((1 - a) / a) (a = alpha-bar_t) the VP diffusion becomes EDM's
+        x~ = x_0 + s~ eps, and the data prediction is D = x~ - s~ eps(sqrt(a) x~, t) (DDPM Eq. 4 solved for x_0):
+        so `diffusion.dpm_solver_2m` solves it as it is, from step T'-1 down to 0, then to s~ = 0. Only the eps
+        channels are used (a learned variance plays no part in an ODE solver); guidance acts through `model`
+        exactly as in the other samplers. The same trajectory as diffusers' DPMSolverMultistepScheduler
+        (dpmsolver++, order 2, midpoint) at these time steps (tests/test_adm.py).
+        """
+        acp = self.alphas_cumprod.to(noise.device)
+        sigmas = torch.cat([((1 - acp) / acp).sqrt().flip(0), acp.new_zeros(1)])  # (T' + 1,): s~ at T'-1 .. 0, then 0
+        steps = torch.arange(self.num_timesteps - 1, -1, -1, device=noise.device)  # respaced step of sigmas[i]
+
+        def denoise(x, i):  # x: x~ at sigmas[i] (float64) -> D
+            t = steps[i].expand(x.shape[0])
+            x_t = (x / (1 + sigmas[i] ** 2).sqrt()).to(noise.dtype)  # x = sqrt(a) x~, in the network's dtype
+            eps = self._model(model, x_t, t, model_kwargs)[:, :x.shape[1]].to(torch.float64)
+            return x - sigmas[i] * eps
+
+        # x_T = noise, as the other samplers start (so x~ = noise / sqrt(a_T), not noise * s~_T: a_T is not 0)
+        x = noise.to(torch.float64) * (1 + sigmas[0] ** 2).sqrt()
+        return dpm_solver_2m(denoise, x, sigmas).to(noise.dtype)

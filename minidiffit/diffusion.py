@@ -1,7 +1,7 @@
 """EDM diffusion for the image-space model (Karras et al. 2022, "Elucidating the Design Space..."), as DiffiT
 Sec. 4 / App. I.1 uses it: preconditioning (EDM Table 1), the log-normal training loss (EDM Sec. 5), the
-deterministic Heun sampler (EDM Algorithm 1) and the stochastic sampler (EDM Algorithm 2), and EDM's
-non-leaky geometric augmentation with its 9-d label vector (EDM App. F.2, from StyleGAN2-ADA).
+deterministic Heun sampler (EDM Algorithm 1), the stochastic sampler (EDM Algorithm 2), DPM-Solver++(2M) for
+few steps (Lu et al. 2022), and EDM's non-leaky geometric augmentation with its 9-d label vector (EDM App. F.2).
 Imports no model: any `net(x, c_noise, augment_labels)` works. Introduced in notebooks/03_diffusion.ipynb.
 """
 
@@ -149,6 +149,40 @@ def euler_sample(denoiser, noise, num_steps=18, sigma_min=0.002, sigma_max=80, r
     x = noise.to(torch.float64) * t[0]
     for i in range(num_steps):
         x = x + (t[i + 1] - t[i]) * (x - _denoise(denoiser, x, t[i])) / t[i]
+    return x.to(noise.dtype)
+
+
+def dpm_solver_2m(denoise, x, sigmas):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): one denoiser evaluation per step.
+
+    In EDM's variables (x = y + sigma n) the probability-flow ODE solved exactly in lambda = -ln sigma gives
+        x_next = (s_next / s) x - expm1(-h) D,    h = ln(s / s_next),
+    with D the data prediction over the step. First order: D = D(x; s) (this step is DDIM). Second order
+    ("multistep"): D extrapolated from this step's denoised and the previous one's, without a new evaluation:
+        D = (1 + 1 / (2r)) D_i - D_{i-1} / (2r),    r = h_{i-1} / h_i.
+    The first step has no previous D and the step to sigma = 0 returns D itself (both first order, as the
+    paper and diffusers' DPMSolverMultistepScheduler do). `denoise(x, i)` -> D(x; sigmas[i]); `sigmas` (N + 1,)
+    float64, decreasing, ending in 0; `x` the state at sigmas[0]. Used for both models: adm.py maps the latent
+    model's discrete VP diffusion onto these variables.
+    """
+    d_prev = h_prev = None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = denoise(x, i)
+        if s_next == 0:  # the last step: x_next = D
+            return d
+        h = torch.log(s / s_next)
+        D = d if d_prev is None else (1 + 1 / (2 * h_prev / h)) * d - d_prev / (2 * h_prev / h)
+        x = (s_next / s) * x - torch.expm1(-h) * D
+        d_prev, h_prev = d, h
+    return x
+
+
+@torch.no_grad()
+def dpm_solver_sample(denoiser, noise, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7):
+    """DPM-Solver++(2M) on EDM's time steps: `num_steps` evaluations (Heun needs 2 num_steps - 1)."""
+    t = sigma_steps(num_steps, sigma_min, sigma_max, rho)
+    x = dpm_solver_2m(lambda x, i: _denoise(denoiser, x, t[i]), noise.to(torch.float64) * t[0], t)
     return x.to(noise.dtype)
 
 

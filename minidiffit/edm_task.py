@@ -13,7 +13,7 @@ import torch
 
 from .config import RunConfig, check
 from .data import DATASETS, load_dataset
-from .diffusion import EDMPrecond, augment, edm_loss, heun_sample
+from .diffusion import EDMPrecond, augment, dpm_solver_sample, edm_loss, euler_sample, heun_sample
 from .runtime import seeded_noise
 from .unet import UNET_PRESETS, DiffiTUNet
 
@@ -23,6 +23,10 @@ class Config(RunConfig):
     task: str = "edm"  # image-space DiffiT trained with EDM
     preset: str = "small"  # model preset (unet.UNET_PRESETS): tiny, small, fashion, cifar10, ffhq64
     dropout: float | None = None  # overrides the preset's dropout when set (None: the preset's value)
+    # Ablations (DiffiT Sec. 5.3, notebook 10): the preset with one thing changed
+    time_mode: str | None = None  # how time enters each block (unet.UNetConfig.time_mode): tmsa, bias, mlp, token, adaln
+    window_size: int | None = None  # TMSA window (None: the preset's; the paper compares 2, 4, 8)
+    arch: str = "diffit"  # diffit (DiffiTUNet), or unet2d: diffusers' UNet2DModel at the preset's parameter budget
     data: str = "cifar10"  # dataset: cifar10, fashion_mnist (torchvision download or --data_dir), folder, synthetic
     num_data: int = 1024  # size of the synthetic dataset (--data=synthetic only)
     iters: int = 200_000  # optimizer steps (DiffiT App. I.1: 200k on CIFAR-10)
@@ -35,6 +39,8 @@ class Config(RunConfig):
     def validate(self):
         super().validate()
         check(self.preset in UNET_PRESETS, f"--preset={self.preset}: unknown for task 'edm'; choose one of {sorted(UNET_PRESETS)}")
+        check(self.arch in ("diffit", "unet2d"), f"--arch={self.arch}: choose diffit or unet2d")
+        check(self.window_size is None or self.window_size > 0, f"--window_size={self.window_size}: must be > 0")
         check(self.data in DATASETS, f"--data={self.data}: unknown dataset; choose one of {DATASETS}")
         check(self.num_data > 0, f"--num_data={self.num_data}: must be > 0")
         check(0 <= self.augment_p <= 1 and (self.dropout is None or 0 <= self.dropout < 1),
@@ -45,8 +51,9 @@ class Config(RunConfig):
 
 
 def unet_config(cfg):
-    ucfg = UNET_PRESETS[cfg.preset]
-    return ucfg if cfg.dropout is None else dataclasses.replace(ucfg, dropout=cfg.dropout)
+    """The preset's UNetConfig with this run's overrides (dropout, time_mode, window_size) applied."""
+    overrides = {k: getattr(cfg, k) for k in ("dropout", "time_mode", "window_size") if getattr(cfg, k) is not None}
+    return dataclasses.replace(UNET_PRESETS[cfg.preset], **overrides)
 
 
 def image_shape(cfg):
@@ -55,6 +62,10 @@ def image_shape(cfg):
 
 
 def build_model(cfg):
+    if cfg.arch == "unet2d":  # the peer baseline of notebook 10 (diffusers, an optional dependency)
+        from .peers import unet2d_like
+
+        return EDMPrecond(unet2d_like(unet_config(cfg)))
     return EDMPrecond(DiffiTUNet(unet_config(cfg)))
 
 
@@ -67,11 +78,16 @@ def loss(model, images, labels, cfg):
     return edm_loss(model, images, augment_labels)  # (B,)
 
 
+# sample.py --sampler: network evaluations for N steps: heun 2N - 1 (EDM Algorithm 1, the paper's), dpm++2m N, euler N
+SAMPLERS = {"heun": heun_sample, "dpm++2m": dpm_solver_sample, "euler": euler_sample}
+
+
 @torch.no_grad()
-def generate(model, seeds, cfg, num_steps=18):
-    """Deterministic Heun sampling (EDM Algorithm 1): 2 * num_steps - 1 network evaluations, image i from seeds[i]."""
+def generate(model, seeds, cfg, num_steps=18, sampler="heun"):
+    """Deterministic sampling of the probability-flow ODE (default: EDM's Heun), image i from seeds[i]."""
     device = next(model.parameters()).device
-    return heun_sample(model, seeded_noise(seeds, image_shape(cfg), device), num_steps=num_steps).clamp(-1, 1)
+    noise = seeded_noise(seeds, image_shape(cfg), device)
+    return SAMPLERS[sampler](model, noise, num_steps=num_steps).clamp(-1, 1)
 
 
 def load_data(cfg):

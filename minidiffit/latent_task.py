@@ -128,8 +128,12 @@ def decode(vae, z, chunk=32):
     return torch.cat([vae.decode(z[i:i + chunk]).float().clamp(-1, 1) for i in range(0, len(z), chunk)])
 
 
+# sample.py --sampler: each takes one network evaluation per step (two images' worth with guidance)
+SAMPLERS = ("ancestral", "ddim", "dpm++2m")  # DDPM Algorithm 2 (the paper's, 250 steps); DDIM eta 0; DPM-Solver++(2M)
+
+
 @torch.no_grad()
-def generate(model, seeds, cfg, num_steps=250, guidance=None, channels=3, vae=None):
+def generate(model, seeds, cfg, num_steps=250, guidance=None, channels=3, vae=None, sampler="ancestral"):
     """Guided ancestral sampling (250 respaced steps, DESIGN.md Sec. 4) -> images (N, C, H, W) in [-1, 1].
 
     Image i: label seeds[i] % num_classes, and every random number of its trajectory (the initial noise and
@@ -138,6 +142,7 @@ def generate(model, seeds, cfg, num_steps=250, guidance=None, channels=3, vae=No
     constant 1.49 at 512 px), a float for a constant scale (1 = no guidance), or a latent.Guidance.
     `channels`: 3 guides eps channels 0..2 as released, None all four. Each step costs two network
     evaluations per image (the batch is doubled with the null label) unless guidance is 1.
+    `sampler`: one of SAMPLERS, over `num_steps` respaced steps (ADM's even spacing, both ends kept).
     """
     net = _unwrap(model)
     lcfg = net.cfg
@@ -151,7 +156,12 @@ def generate(model, seeds, cfg, num_steps=250, guidance=None, channels=3, vae=No
     else:
         fn = functools.partial(net.forward_with_cfg, scale=scale, channels=channels)
     diffusion = GaussianDiffusion.respaced(str(num_steps))
-    z = diffusion.p_sample_loop(fn, noise, model_kwargs={"y": y}, generator=generators)  # (N, 4, h, w)
+    if sampler == "ancestral":
+        z = diffusion.p_sample_loop(fn, noise, model_kwargs={"y": y}, generator=generators)  # (N, 4, h, w)
+    elif sampler == "ddim":
+        z = diffusion.ddim_sample_loop(fn, noise, model_kwargs={"y": y})
+    else:
+        z = diffusion.dpm_solver_sample_loop(fn, noise, model_kwargs={"y": y})
     if vae is None:
         source, vae_scale = vae_source(cfg)
         vae = _cached_vae(source, vae_scale, str(device))

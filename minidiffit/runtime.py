@@ -161,7 +161,9 @@ def check_resumable(saved, cfg, path):
     """Refuse a checkpoint that was made with different run-defining settings (all but cfg.RESUMABLE)."""
     ours = dataclasses.asdict(cfg)
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    diff = [k for k in ours if k not in cfg.RESUMABLE and saved.get(k) != ours[k]]
+    # A setting newer than the checkpoint is missing from it: that run was made with the setting's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    diff = [k for k in ours if k not in cfg.RESUMABLE and saved.get(k, defaults[k]) != ours[k]]
     if diff:
         what = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {ours[k]!r}" for k in diff)
         raise ValueError(f"checkpoint {path} belongs to a different run ({what}). Pass the same settings to resume it, "

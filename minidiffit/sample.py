@@ -8,7 +8,8 @@
 to the checkpoint and settings that made it, so another model cannot continue it), a .npz (`arr_0` uint8
 N x H x W x C, the layout FID tools read) or a .png (one grid); an existing .npz or .png is replaced only
 with --overwrite=true. Ranks take strided indices. The sampler is the training task's (EDM Heun, EDM
-Algorithm 1, for "edm"; guided ancestral sampling for "latent"). Notebook 05 uses it.
+Algorithm 1, for "edm"; guided ancestral sampling for "latent") unless --sampler picks a faster one
+(dpm++2m: DPM-Solver++(2M), one network evaluation per step). Notebook 05 uses it.
 """
 
 import json
@@ -32,6 +33,7 @@ class SampleConfig:
     num_samples: int = 50_000  # number of images; image i uses seed i
     out: str = "samples"  # a directory of PNGs, a .npz (arr_0 uint8 NHWC) or a .png grid
     steps: int = 0  # sampler steps; 0: the run's own (EDM Heun 18 = 35 network evaluations; latent 250 respaced)
+    sampler: str = ""  # "": the task's own; edm: heun, dpm++2m, euler; latent: ancestral, ddim, dpm++2m
     batch: int = 256  # images per forward pass on one rank
     ema: bool = True  # sample the EMA weights (as EDM and the paper evaluate); False: the raw weights
     weights: str = ""  # instead of --ckpt: released latent DiffiT weights (diffit_256.safetensors, nvidia/DiffiT)
@@ -53,7 +55,7 @@ class SampleConfig:
 
 def generate_images(model, cfg, indices, steps=18, batch=256, **options):
     """float images (len(indices), C, H, W) in [-1, 1]; image i from seed indices[i] only, any batching.
-    `options` go to the task's generate (the latent task's `guidance=`)."""
+    `options` go to the task's generate (`sampler=`; the latent task's `guidance=`)."""
     task = get_task(cfg.task)
     chunks = []
     for start in range(0, len(indices), batch):
@@ -117,6 +119,11 @@ def sample(scfg, log=None):
     options = {"guidance": scfg.guidance} if scfg.guidance else {}
     if options and cfg.task != "latent":
         raise ValueError(f"--guidance is the latent task's (class-conditional) setting; this is a {cfg.task!r} model")
+    samplers = get_task(cfg.task).SAMPLERS
+    if scfg.sampler and scfg.sampler not in samplers:
+        raise ValueError(f"--sampler={scfg.sampler}: unknown for the {cfg.task!r} task; choose one of {', '.join(samplers)}")
+    if scfg.sampler:
+        options["sampler"] = scfg.sampler
     source.update(steps=steps, quantize=quantize, **options)
     mine = list(range(rank, scfg.num_samples, world))  # strided: rank r makes images r, r + world, ...
     if kind == "dir":

@@ -138,6 +138,11 @@ def _rng_states():
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
+def fast_path(flag, device):
+    """A bf16 / compile setting on `device`: True or False as given, None (the default) on CUDA only."""
+    return device.type == "cuda" if flag is None else flag
+
+
 def setup(cfg, log=None):
     """Build the run of `cfg` (task, model, EMA, optimizer, data), resuming cfg.out/ckpt.pt when it exists.
 
@@ -184,7 +189,7 @@ def setup(cfg, log=None):
     run.train_model = model
     if world > 1:
         run.train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    if cfg.compile and cuda:
+    if fast_path(cfg.compile, device):
         run.train_model = torch.compile(run.train_model)
     return run
 
@@ -201,7 +206,8 @@ def train_step(run, order):
     for g in run.optimizer.param_groups:
         g["lr"] = learning_rate(cfg, cur_nimg)
     indices = order.batch(run.step, cfg.batch)  # (batch,) the global batch, identical on every rank
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.bf16 and run.device.type == "cuda") else contextlib.nullcontext()
+    bf16 = fast_path(cfg.bf16, run.device)
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     step_loss = torch.zeros((), device=run.device)
     for a in range(cfg.accum):
         j = run.rank * cfg.accum + a  # this micro-batch's place in the global batch
@@ -310,9 +316,8 @@ def train(cfg, log=None):
         return run.step
     order = DataOrder(len(run.data), cfg.seed)
     n_params = sum(p.numel() for p in run.model.parameters())
-    cuda = run.device.type == "cuda"
     log(f"task {cfg.task}, preset {cfg.preset} ({n_params / 1e6:.2f}M params), data {run.data}, device {run.device} x {run.world}, "
-        f"batch {cfg.batch} = {run.world} ranks x {cfg.accum} rounds x {run.micro}, bf16 {cfg.bf16 and cuda}, compile {cfg.compile and cuda}")
+        f"batch {cfg.batch} = {run.world} ranks x {cfg.accum} rounds x {run.micro}, bf16 {fast_path(cfg.bf16, run.device)}, compile {fast_path(cfg.compile, run.device)}")
     t_start = time.time() - run.elapsed  # so that time.time() - t_start is the training time summed over resumes
     t_log, step_log, losses, ckpt_losses, due = time.time(), run.step, [], [], False
     while not finished():

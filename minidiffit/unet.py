@@ -3,7 +3,8 @@
 A conv tokenizer, an encoder and a decoder of DiffiT ResBlocks (windowed TMSA, no shift) with a skip at
 every resolution, and a GN -> SiLU -> Conv3x3 head. The network is EDM's raw F_theta: `diffusion.EDMPrecond`
 wraps it. Presets follow DiffiT App. I.1 (CIFAR-10) and H.1/I.1 (FFHQ-64); every choice the paper leaves
-open is marked `# Choice:`. Introduced in notebooks/04_unet.ipynb.
+open is marked `# Choice:`. `time_mode` swaps TMSA for one of the paper's ablations (`tmsa.py`), e.g.
+`dataclasses.replace(UNET_PRESETS["cifar10"], time_mode="adaln")`. Introduced in notebooks/04_unet.ipynb.
 """
 
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .tmsa import DiffiTBlock, TimestepEmbedder
+from .tmsa import TIME_MODES, DiffiTBlock, TimestepEmbedder
 
 
 @dataclass
@@ -27,6 +28,7 @@ class UNetConfig:
     temb_dim: int = 512  # width of the time token (DiffiT App. I.1)
     dropout: float = 0.13  # dropout inside each ResBlock (EDM's CIFAR-10 value)
     augment_dim: int = 9  # size of EDM's augmentation label vector; 0 disables that input
+    time_mode: str = "tmsa"  # how time enters each block: tmsa (default, DiffiT Eq. 3-5), bias, mlp, token, adaln
 
 
 UNET_PRESETS = {
@@ -69,14 +71,14 @@ class DiffiTResBlock(nn.Module):
     w x w windows with no shift (the paper's "local attention").
     """
 
-    def __init__(self, channels, num_heads, window_size, mlp_ratio=4.0, temb_dim=None, dropout=0.0):
+    def __init__(self, channels, num_heads, window_size, mlp_ratio=4.0, temb_dim=None, dropout=0.0, time_mode="tmsa"):
         super().__init__()
         self.norm = group_norm(channels)
         # Choice: dropout sits after the activation, before the conv, as in DDPM/ADM/EDM blocks (the
         # paper gives a rate through EDM's recipe but no position).
         self.dropout = nn.Dropout(dropout)
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.block = DiffiTBlock(channels, num_heads, window_size, mlp_ratio, temb_dim)
+        self.block = DiffiTBlock(channels, num_heads, window_size, mlp_ratio, temb_dim, time_mode=time_mode)
 
     def forward(self, x, temb):  # x: (B, C, H, W), temb: (B, Dt)
         h = self.conv(self.dropout(F.silu(self.norm(x))))  # (B, C, H, W)
@@ -135,6 +137,9 @@ class DiffiTUNet(nn.Module):
         for c in cfg.channels:
             if c % cfg.head_dim:
                 raise ValueError(f"stage width {c} is not divisible by head_dim={cfg.head_dim}")
+        if cfg.time_mode not in TIME_MODES:
+            raise ValueError(f"time_mode={cfg.time_mode!r} is not one of: {', '.join(TIME_MODES)} "
+                             f"(tmsa is DiffiT's; the others are the paper's ablations, see tmsa.py)")
         self.cfg = cfg
         S = len(cfg.channels)
         res = [cfg.img_resolution // 2**s for s in range(S)]
@@ -144,7 +149,7 @@ class DiffiTUNet(nn.Module):
         def blocks(s):
             return nn.ModuleList(
                 DiffiTResBlock(cfg.channels[s], cfg.channels[s] // cfg.head_dim, windows[s], cfg.mlp_ratio,
-                               cfg.temb_dim, cfg.dropout)
+                               cfg.temb_dim, cfg.dropout, cfg.time_mode)
                 for _ in range(cfg.num_blocks[s]))
 
         # Time token: sinusoidal embedding of c_noise -> MLP (DiffiT's "positional" time embedding).

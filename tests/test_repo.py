@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,29 @@ def test_reproduce_fashion_fast_runs_every_stage_then_skips_them():
     second = run()
     assert second.returncode == 0 and "already done" in second.stdout and "up to date" in second.stdout
     assert (out / "results.txt").read_text().splitlines() == lines  # nothing measured twice
+    # one model's samples made again (newer than its FID line): that FID alone is measured again, even though
+    # the results file itself is newer than the samples (the floor's line was appended after them)
+    later = time.time() + 5
+    os.utime(out / "edm" / "samples_20.npz", (later, later))
+    third = run()
+    again = (out / "results.txt").read_text().splitlines()
+    assert third.returncode == 0 and again[:3] == lines and len(again) == 4 and "image-space" in again[3]
+
+    # the two commands that build on the laptop tier, in FAST mode: FID vs NFE, and the ablations
+    nfe = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "nfe"], capture_output=True, text=True, timeout=900,
+                         env=env, cwd=ROOT)
+    assert nfe.returncode == 0, nfe.stdout[-2000:] + nfe.stderr[-2000:]
+    records = json.loads((out / "fid_vs_nfe.json").read_text())
+    assert {(r["model"], r["sampler"], r["nfe"]) for r in records} == {
+        ("floor", "train vs test images", 0), ("edm", "heun", 3), ("edm", "dpm++2m", 3), ("latent", "ancestral", 3),
+        ("latent", "dpm++2m", 3)}
+    shutil.rmtree(ROOT / "runs" / "ablations_fast", ignore_errors=True)
+    abl = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "ablations", f"--data_dir={FASHION}"], capture_output=True,
+                         text=True, timeout=900, env=env, cwd=ROOT)
+    assert abl.returncode == 0, abl.stdout[-2000:] + abl.stderr[-2000:]
+    table = json.loads((ROOT / "runs" / "ablations_fast" / "results.json").read_text())
+    assert [r["variant"] for r in table["rows"]] == ["tmsa", "bias"] and table["num"] == 16
+    assert all(r["kimg"] == 2 * 8 / 1000 and r["params"] > 1e6 for r in table["rows"])
 
 
 # ----------------------------------------------------------------------------

@@ -148,6 +148,18 @@ def test_mismatched_checkpoint_is_refused_clearly(tmp_path):
     T.train(toy_cfg(tmp_path, iters=1, ckpt_every=7, minutes=5), log=quiet)  # run-length settings may change
 
 
+def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default(tmp_path):
+    # A checkpoint written before a setting existed (here: edm_task's ablation keys) was made with its default.
+    T.train(tiny_cfg(tmp_path, iters=1), log=quiet)
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    for key in ("arch", "time_mode", "window_size"):
+        del ckpt["config"][key]
+    save_checkpoint(ckpt, tmp_path / "ckpt.pt")
+    assert T.train(tiny_cfg(tmp_path, iters=2), log=quiet) == 2
+    with pytest.raises(ValueError, match="different run.*time_mode: checkpoint None vs now 'mlp'"):
+        T.train(tiny_cfg(tmp_path, iters=3, time_mode="mlp"), log=quiet)
+
+
 def test_time_budget_stops_with_a_checkpoint_and_rerun_is_a_no_op(tmp_path):
     lines = []
     T.train(toy_cfg(tmp_path, iters=1000, minutes=1e-6), log=lines.append)  # budget exhausted after 1 step
