@@ -15,6 +15,8 @@ commands:
   setup        create .venv (if missing) and install minidiffit with its dev extra
   test         unit tests, then every notebook under nbval in FAST mode
   fashion      [--data_dir=DIR]  the laptop tier: both DiffiT pipelines on Fashion-MNIST, grids and FIDs (<= 30 min on 2 CPU cores)
+  ablations    [--data_dir=DIR] [--iters=N] [--seeds=K] [--variants=a,b]  DiffiT's ablations on Fashion-MNIST (CPU: ~90 min)
+  nfe          after fashion: FID against network evaluations for every sampler of both models (~30 min on 2 CPU cores)
   cifar10      [--data_dir=DIR] [--key=value ...] CUDA: paper recipe, 50k samples, FID; no CUDA: CPU tier (--minutes=30)
   imagenet256  DATA_DIR [--ref=ADM_REF.npz] [--key=value ...] | --weights FILE   prepare, train, sample, FID; no CUDA: FAST toy run
   help         this message
@@ -265,7 +267,7 @@ run_fashion() {
   local data=(--data=fashion_mnist) data_dir
   data_dir=$(arg_value data_dir "" ${args[@]+"${args[@]}"})
   [[ -n "$data_dir" ]] && data+=(--data_dir="$data_dir")
-  local out=runs/fashion edm_min=11 ae_min=2 lat_min=6.5 num=500 net=() t0=$SECONDS
+  local out=runs/fashion edm_min=10.5 ae_min=2 lat_min=6.5 num=500 net=() t0=$SECONDS
   local edm_len=() ae_len=() lat_len=() prep=() lat_steps=250 where="CPU (2 cores assumed)"
   if [[ "${MINIDIFFIT_FAST:-0}" == 1 ]]; then
     out=runs/fashion_fast num=20 net=(--network=tiny-random) lat_steps=5 where="FAST pipeline check, NOT real FIDs"
@@ -325,15 +327,49 @@ run_fashion() {
   done
   local results=results/fashion.txt
   [[ "${MINIDIFFIT_FAST:-0}" == 1 ]] && results=$out/results.txt
-  fid_once() {  # tag samples: one line in $results per (tag, samples), again only when the samples are newer
-    if grep -qsF -- "$1" $results && [[ $results -nt $2 ]]; then echo "== already in $results: $1"; return; fi
+  fid_once() {  # tag samples: one line in $results per samples file, again only when the samples are newer
+    local stamp=$out/fid/.scored_$(basename "$(dirname "$2")")_$(basename "$2")  # touched once their line is written
+    if fresh $stamp $2 && grep -qsF -- "$1" $results; then echo "== already in $results: $1"; return; fi
     "$PY" -m minidiffit.fid --samples=$2 --ref=$out/fid/test_$num.npz --results=$results --tag="$1" ${net[@]+"${net[@]}"}
+    touch $stamp
   }
   fid_once "fashion floor: Fashion-MNIST train vs test, N=$num [$where]" $out/fid/train_$num.npz
   fid_once "fashion image-space DiffiT, $out/edm, Heun 18 steps (35 NFE), N=$num [$where]" $out/edm/samples_$num.npz
   fid_once "fashion latent DiffiT, $out/latent, $lat_steps ancestral steps, guidance default, N=$num [$where]" $out/latent/samples_$num.npz
   echo "== done in $(( (SECONDS - t0) / 60 )) min $(( (SECONDS - t0) % 60 )) s: grids $out/edm/samples.png, $out/latent/samples.png, $out/latent/guidance_{1,4}.png; FIDs in $results"
   tail -n 3 $results
+}
+
+# The paper's ablations (time in the bias / MLP / a separate token / adaLN, windows 2-4-8, a diffusers U-Net peer).
+run_ablations() {
+  setup
+  local args=() a
+  while IFS= read -r a; do args+=("$a"); done < <(absolute_args "$@")
+  for a in ${args[@]+"${args[@]}"}; do
+    case "$a" in --data_dir=*|--iters=*|--seeds=*|--variants=*) ;;
+      *) echo "reproduce.sh ablations: unknown option '$a' (it takes --data_dir, --iters, --seeds, --variants)" >&2; exit 2 ;;
+    esac
+  done
+  if [[ "${MINIDIFFIT_FAST:-0}" == 1 ]]; then
+    echo "== FAST: two variants for 2 steps, N = 16, tiny random FID network (NOT real FIDs) -> runs/ablations_fast"
+    args=(--variants=tmsa,bias ${args[@]+"${args[@]}"} --iters=2 --batch=8 --num=16 --network=tiny-random
+          --out=runs/ablations_fast --results=runs/ablations_fast/results)
+  elif [[ $(cuda_count) -eq 0 ]]; then
+    echo "== no CUDA: every variant for 800 steps of batch 64 on the CPU (about 90 min on 2 cores); --iters= to change"
+  fi
+  "$PY" experiments/ablations.py ${args[@]+"${args[@]}"}
+}
+
+# FID vs network evaluations on the laptop tier's runs: samplers and step counts in experiments/fid_vs_nfe.py.
+run_nfe() {
+  setup
+  [[ $# -eq 0 ]] || { echo "reproduce.sh nfe: takes no options (it reads runs/fashion)" >&2; exit 2; }
+  if [[ "${MINIDIFFIT_FAST:-0}" == 1 ]]; then
+    echo "== FAST: two samplers per model on runs/fashion_fast, N = 20, tiny random FID network (NOT real FIDs)"
+    "$PY" experiments/fid_vs_nfe.py --smoke
+  else
+    "$PY" experiments/fid_vs_nfe.py
+  fi
 }
 
 main() {
@@ -343,6 +379,8 @@ main() {
     setup) setup "$@" ;;
     test) run_tests "$@" ;;
     fashion) run_fashion "$@" ;;
+    nfe) run_nfe "$@" ;;
+    ablations) run_ablations "$@" ;;
     cifar10) run_cifar10 "$@" ;;
     imagenet256) run_imagenet256 "$@" ;;
     help|-h|--help) usage ;;
