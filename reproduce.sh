@@ -16,7 +16,7 @@ commands:
   test         unit tests, then every notebook under nbval in FAST mode
   fashion      [--data_dir=DIR]  the laptop tier: both DiffiT pipelines on Fashion-MNIST, grids and FIDs (<= 30 min on 2 CPU cores)
   ablations    [--data_dir=DIR] [--iters=N] [--seeds=K] [--variants=a,b]  DiffiT's ablations on Fashion-MNIST (CPU: ~90 min)
-  nfe          after fashion: FID against network evaluations for every sampler of both models (~30 min on 2 CPU cores)
+  nfe          after fashion: FID against network evaluations for every sampler of both models (~25 min on 2 CPU cores)
   cifar10      [--data_dir=DIR] [--key=value ...] CUDA: paper recipe, 50k samples, FID; no CUDA: CPU tier (--minutes=30)
   imagenet256  DATA_DIR [--ref=ADM_REF.npz] [--key=value ...] | --weights FILE   prepare, train, sample, FID; no CUDA: FAST toy run
   help         this message

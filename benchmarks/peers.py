@@ -1,8 +1,8 @@
 """minidiffit next to diffusers: parameters, FLOPs, training and sampling speed of each model and its peer.
 
-    python benchmarks/peers.py               # S/2, B/2 (256 px latents), fashion / small U-Nets: ~6 min, 2 cores
+    python benchmarks/peers.py               # S/2, B/2 (256 px latents), fashion / small U-Nets: ~5 min, 2 idle cores
     python benchmarks/peers.py --smoke       # tiny presets, 2 short rounds: checks the script runs (< 1 minute)
-    python benchmarks/peers.py --rounds 9    # more rounds, a steadier median
+    python benchmarks/peers.py --rounds 9 --pairs S/2,fashion   # more rounds (a steadier median), some pairs
 
 Pairs (`minidiffit/peers.py`): LatentDiffiT S/2 and B/2 against diffusers' DiT of the same shape (32x32x4
 latents, 1000 classes), DiffiTUNet `fashion` and `small` against a UNet2DModel of the same parameter budget.
