@@ -31,6 +31,8 @@ from minidiffit.latent import LATENT_PRESETS, LatentDiffiT
 from minidiffit.peers import DiffusersDiT, num_parameters, unet2d_like
 from minidiffit.unet import UNET_PRESETS, DiffiTUNet
 
+from common import clock, cuda, device, name  # benchmarks/common.py (the script's own folder is on sys.path)
+
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--smoke", action="store_true", help="tiny presets, 2 short rounds (CPU check of the script)")
 p.add_argument("--rounds", type=int, default=7, help="timed rounds per pair; the table shows the medians")
@@ -38,32 +40,11 @@ p.add_argument("--seconds", type=float, default=1.0, help="about how long one ti
 p.add_argument("--pairs", default="S/2,B/2,fashion,small", help="comma-separated subset of S/2,B/2,fashion,small")
 args = p.parse_args()
 
-cuda = torch.cuda.is_available()
-device = torch.device("cuda" if cuda else "cpu")
-if cuda:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 rounds, seconds = (2, 0.2) if args.smoke else (args.rounds, args.seconds)
-name = torch.cuda.get_device_name() if cuda else "CPU"
-
-
-def sync():
-    if cuda:
-        torch.cuda.synchronize()
 
 
 def autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
-
-def clock(fn, n):
-    """Seconds per call of fn over n calls."""
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / n
 
 
 class Entry:

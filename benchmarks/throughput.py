@@ -12,7 +12,6 @@ markdown table with the device name; it measures and asserts nothing.
 
 import argparse
 import contextlib
-import time
 
 import torch
 
@@ -20,35 +19,21 @@ from minidiffit import edm_task, latent_task
 from minidiffit.adm import GaussianDiffusion
 from minidiffit.latent import default_guidance
 
+from common import clock, cuda, device, name  # benchmarks/common.py (the script's own folder is on sys.path)
+
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--smoke", action="store_true", help="tiny presets and 2 timed steps (CPU check of the script)")
 p.add_argument("--steps", type=int, default=20, help="timed steps per row (after 3 warm-up steps)")
 args = p.parse_args()
 
-cuda = torch.cuda.is_available()
-device = torch.device("cuda" if cuda else "cpu")
-if cuda:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 steps, warmup = (2, 1) if args.smoke else (args.steps, 3)
-name = torch.cuda.get_device_name() if cuda else "CPU"
-
-
-def sync():
-    if cuda:
-        torch.cuda.synchronize()
 
 
 def timed(fn, n):
     """Seconds per call of fn over n calls, after `warmup` untimed calls (compilation happens there)."""
     for _ in range(warmup):
         fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / n
+    return clock(fn, n)
 
 
 def train_row(task, cfg, make_batch, batch, fast):
