@@ -96,15 +96,20 @@ class Attention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index]  # (N, N, h)
         return bias.permute(2, 0, 1).unsqueeze(0)
 
-    def attend(self, qkv):
-        """(B, N, 3D) projected q|k|v -> (B, N, D) attention output after `proj`."""
+    def attend(self, qkv, bias=None):
+        """(B, N, 3D) projected q|k|v -> (B, N, D) attention output after `proj`.
+
+        `bias`: an additive logit bias broadcastable to (B, h, N, N) in place of the relative position bias
+        (the ablations in tmsa.py build their own from it); None: this module's position bias, if any.
+        """
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        bias = self.position_bias()
-        if bias is not None:
-            if q.shape[2] != bias.shape[-1]:
+        if bias is None:
+            bias = self.position_bias()
+            if bias is not None and q.shape[2] != bias.shape[-1]:
                 raise ValueError(f"got {q.shape[2]} tokens, but window_size={self.window_size} expects one "
                                  f"{self.window_size}x{self.window_size} window of {bias.shape[-1]} tokens: "
                                  f"cut the map with window_partition first")
+        if bias is not None:
             bias = bias.to(q.dtype)  # SDPA wants the mask in q's dtype (bf16 under autocast)
         out = attention(q, k, v, bias, fused=self.fused)  # (B, h, N, d)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))

@@ -14,11 +14,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
-from .attention import MLP, Attention, attention, window_partition, window_reverse
+from .attention import MLP, Attention, window_partition, window_reverse
 
-# How the time token enters each DiffiTBlock: DiffiT's TMSA (the default) and the ablations of DiffiT Sec. 4.
+# How the time token enters each DiffiTBlock: DiffiT's TMSA (the default) and the ablations of DiffiT Tables 6-7.
 TIME_MODES = ("tmsa", "bias", "mlp", "token", "adaln")
 
 # ----------------------------------------------------------------------------
@@ -81,14 +80,6 @@ class TMSA(Attention):
 # Ablations: other ways for the time token to enter attention (DiffiT Tables 6-7; DESIGN.md Sec. 2)
 
 
-def attend_with_bias(attn, qkv, bias):
-    """`Attention.attend` with a bias made by the caller: (B, N, 3D), bias None or broadcastable to (B, h, N, N)."""
-    q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=attn.num_heads)
-    bias = bias.to(q.dtype) if bias is not None else None  # SDPA wants the mask in q's dtype
-    out = attention(q, k, v, bias, fused=attn.fused)  # (B, h, N, d)
-    return attn.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
-
-
 class TimeBiasAttention(Attention):
     """Config F, time only in the position bias: softmax(Q K^T / sqrt(d) + B + B_t) V, q, k, v from x alone.
 
@@ -108,7 +99,7 @@ class TimeBiasAttention(Attention):
         table = self.relative_position_bias_table + self.bias_temb(temb).view(temb.shape[0], -1, self.num_heads)
         bias = table[:, self.relative_position_index].permute(0, 3, 1, 2)  # (B, (2w-1)^2, h) -> (B, h, N, N)
         bias = bias.repeat_interleave(x.shape[0] // temb.shape[0], dim=0)  # window k of image b gets image b's
-        return attend_with_bias(self, self.qkv(x), bias)  # (B*nW, N, D)
+        return self.attend(self.qkv(x), bias)  # (B*nW, N, D)
 
 
 class TimeTokenAttention(Attention):
@@ -131,7 +122,7 @@ class TimeTokenAttention(Attention):
         bias = self.position_bias()  # (1, h, N, N) or None
         # Choice: the time token has no position, so every logit that involves it gets zero relative bias.
         bias = F.pad(bias, (0, 1, 0, 1)) if bias is not None else None  # (1, h, N+1, N+1)
-        return attend_with_bias(self, qkv, bias)[:, :-1]  # (B*nW, N, D): the time token's output dropped
+        return self.attend(qkv, bias)[:, :-1]  # (B*nW, N, D): the time token's output dropped
 
 
 def modulate(x, shift, scale):
@@ -159,7 +150,8 @@ class DiffiTBlock(nn.Module):
     def __init__(self, dim, num_heads, window_size, mlp_ratio=4.0, temb_dim=None, fused=True, time_mode="tmsa"):
         super().__init__()
         if time_mode not in TIME_MODES:
-            raise ValueError(f"time_mode={time_mode!r} is not one of {', '.join(TIME_MODES)}")
+            raise ValueError(f"time_mode={time_mode!r} is not one of {', '.join(TIME_MODES)} "
+                             f"(tmsa is DiffiT's; the others are the paper's ablations, see tmsa.py)")
         self.window_size = window_size
         self.time_mode = time_mode
         # Choice: the image-space U-Net uses the same affine-free LayerNorm; the paper does not say, the

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .tmsa import TIME_MODES, DiffiTBlock, TimestepEmbedder
+from .tmsa import DiffiTBlock, TimestepEmbedder
 
 
 @dataclass
@@ -137,9 +137,6 @@ class DiffiTUNet(nn.Module):
         for c in cfg.channels:
             if c % cfg.head_dim:
                 raise ValueError(f"stage width {c} is not divisible by head_dim={cfg.head_dim}")
-        if cfg.time_mode not in TIME_MODES:
-            raise ValueError(f"time_mode={cfg.time_mode!r} is not one of: {', '.join(TIME_MODES)} "
-                             f"(tmsa is DiffiT's; the others are the paper's ablations, see tmsa.py)")
         self.cfg = cfg
         S = len(cfg.channels)
         res = [cfg.img_resolution // 2**s for s in range(S)]
