@@ -5,6 +5,7 @@ behind DiffiTUNet's call signature, so `diffusion.EDMPrecond` and the EDM recipe
 `unet2d_like` sizes one to a DiffiTUNet preset's parameter budget. `DiffusersDiT` / `diffusers_dit` build
 diffusers' `DiTTransformer2DModel` (Peebles & Xie 2023) shaped like a LatentDiffiT preset, called as
 `model(x, t, y)`. diffusers is an optional dependency, imported only inside these functions.
+Introduced in notebooks/10_ablations.ipynb.
 """
 
 import math

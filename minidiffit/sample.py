@@ -9,7 +9,7 @@ to the checkpoint and settings that made it, so another model cannot continue it
 N x H x W x C, the layout FID tools read) or a .png (one grid); an existing .npz or .png is replaced only
 with --overwrite=true. Ranks take strided indices. The sampler is the training task's (EDM Heun, EDM
 Algorithm 1, for "edm"; guided ancestral sampling for "latent") unless --sampler picks a faster one
-(dpm++2m: DPM-Solver++(2M), one network evaluation per step). Notebook 05 uses it.
+(dpm++2m: DPM-Solver++(2M), one network evaluation per step). Introduced in notebooks/05_train_cifar10.ipynb.
 """
 
 import json

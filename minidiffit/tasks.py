@@ -3,6 +3,7 @@
 A task is a module (edm_task.py, latent_task.py) with a `Config` dataclass (its settings and defaults) and
 build_model, loss, generate, load_data (and, for class-conditional tasks, labels). train.py and sample.py
 look tasks up here; the tasks themselves import only small helpers (runtime.py, config.py), never the loop.
+Introduced in notebooks/05_train_cifar10.ipynb.
 """
 
 from . import edm_task, latent_task
