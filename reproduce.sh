@@ -13,7 +13,7 @@ usage: bash reproduce.sh <command> [args]
 
 commands:
   setup        create .venv (if missing) and install minidiffit with its dev extra
-  test         unit tests, then every notebook under nbval in FAST mode
+  test         unit tests, then every notebook and its solutions under nbval in FAST mode
   fashion      [--data_dir=DIR]  the laptop tier: both DiffiT pipelines on Fashion-MNIST, grids and FIDs (<= 30 min on 2 CPU cores)
   ablations    [--data_dir=DIR] [--iters=N] [--seeds=K] [--variants=a,b]  DiffiT's ablations on Fashion-MNIST (CPU: ~90 min)
   nfe          after fashion: FID against network evaluations for every sampler of both models (~25 min on 2 CPU cores)
@@ -42,7 +42,7 @@ run_tests() {
   setup
   echo "== unit tests"
   "$PY" -m pytest -q tests
-  echo "== notebooks (nbval, FAST mode)"
+  echo "== notebooks and solutions (nbval, FAST mode)"
   MINIDIFFIT_FAST=1 "$PY" -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
     --nbval-cell-timeout=300 notebooks/
 }
