@@ -339,10 +339,19 @@ def load_released(path, model=None, device="cpu"):
     return model.eval()
 
 
-def save_safetensors(model, path):
-    """Save `model`'s state dict in the release's format (loadable by `load_released`)."""
+def save_safetensors(model, path, metadata=None):
+    """Save `model`'s state dict in the release's format (loadable by `load_released`); `metadata`: str -> str
+    pairs for the file's header (latent_task.export records the run's guidance and VAE there)."""
     try:
         from safetensors.torch import save_file
     except ImportError:
         raise ImportError("saving safetensors needs safetensors: pip install minidiffit[latent]") from None
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+
+
+def read_metadata(path):
+    """The str -> str header of a safetensors file ({} for the release's files, which have none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}

@@ -7,7 +7,9 @@ build_model, loss, generate, load_data, labels, as edm_task.py. It also gives sa
     python -m minidiffit.latent_task export --ckpt=runs/x/ckpt.pt --out=model.safetensors
 """
 
+import dataclasses
 import functools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -19,8 +21,8 @@ import torch
 from .adm import GaussianDiffusion
 from .config import RunConfig, check, run_command
 from .imagenet import MANIFEST, LatentShardDataset, read_manifest
-from .latent import LATENT_PRESETS, LatentDiffiT, default_guidance, load_released, save_safetensors
-from .runtime import image_generators, load_checkpoint, seeded_noise
+from .latent import LATENT_PRESETS, Guidance, LatentDiffiT, default_guidance, load_released, read_metadata, save_safetensors
+from .runtime import dataclass_from_dict, image_generators, load_checkpoint, seeded_noise
 from .vae import SD_VAE_SCALE, VAEConfig, load_vae
 
 DIFFUSION = GaussianDiffusion()  # the 1000-step training diffusion (linear betas; DESIGN.md Sec. 4)
@@ -50,6 +52,9 @@ class Config(RunConfig):
     ckpt_every: int = 10_000  # steps between checkpoints
     grid: int = 16  # images in the sample grid written with each checkpoint (decoded by the VAE)
     sample_steps: int = 250  # respaced ancestral steps for the grid (DiT, DiffiT)
+    # sample.py --weights sets these from an exported file's header; a training run reads its latents' manifest.
+    vae: str = ""  # the VAE that decodes samples (vae.VAEConfig.source); "": the latents' manifest's, else SD's
+    vae_scale: float = 0.0  # that VAE's latent scale factor; 0: SD's 0.18215
 
     def validate(self):
         super().validate()
@@ -105,6 +110,8 @@ def vae_source(cfg):
     """
     if os.environ.get("MINIDIFFIT_VAE") == "tiny":
         return "tiny", SD_VAE_SCALE
+    if cfg.vae:
+        return cfg.vae, cfg.vae_scale or SD_VAE_SCALE
     if cfg.data_dir and (Path(cfg.data_dir) / MANIFEST).is_file():
         manifest = read_manifest(cfg.data_dir)
         return manifest["vae"], manifest["scale_factor"]
@@ -202,18 +209,30 @@ def released_model(path, device="cpu"):
         raise FileNotFoundError(f"no weights at {path}; download diffit_256.safetensors (or diffit_512) from "
                                 "https://huggingface.co/nvidia/DiffiT and pass its path")
     model = load_released(path, device=device).requires_grad_(False)
+    meta = read_metadata(path)  # {} for the release's files; an exported run's guidance and VAE
+    if "guidance" in meta:
+        g = json.loads(meta["guidance"])
+        model.cfg = dataclasses.replace(model.cfg, guidance=Guidance(**g) if isinstance(g, dict) else g)
     # preset is a label here: generate reads the architecture off the model, the VAE from vae_source.
-    return model, Config(preset="released", grid=0)
+    return model, Config(preset="released", grid=0, vae=meta.get("vae", ""), vae_scale=float(meta.get("vae_scale", 0)))
 
 
 def export(ckpt, out, use_ema=True):
-    """A training checkpoint's (EMA) weights -> a safetensors file in the release's layout."""
+    """A training checkpoint's (EMA) weights -> a safetensors file in the release's layout, whose header records
+    what the weights alone do not say: the preset's guidance and the VAE (and scale) of the run's latents, so
+    that sample.py --weights samples it as sample.py --ckpt would."""
     saved = load_checkpoint(ckpt)
     if saved["config"].get("task") != "latent":
         raise ValueError(f"{ckpt} is a {saved['config'].get('task')!r} run; export takes latent DiffiT checkpoints")
-    model = LatentDiffiT(LATENT_PRESETS[saved["config"]["preset"]])
+    cfg = dataclass_from_dict(Config, saved["config"])
+    model = LatentDiffiT(LATENT_PRESETS[cfg.preset])
     model.load_state_dict(saved["ema" if use_ema else "model"])
-    save_safetensors(model, out)
+    source, scale = vae_source(cfg)
+    meta = {"preset": cfg.preset, "vae": source, "vae_scale": repr(scale)}
+    g = model.cfg.guidance
+    if g is not None:
+        meta["guidance"] = json.dumps(dataclasses.asdict(g) if isinstance(g, Guidance) else g)
+    save_safetensors(model, out, metadata=meta)
     return out
 
 

@@ -14,7 +14,7 @@ from minidiffit.adm import GaussianDiffusion
 from minidiffit.imagenet import PrepareConfig, make_synthetic_imagefolder, prepare, write_reference_batch
 from minidiffit.latent import LATENT_PRESETS, LatentDiffiT, save_safetensors
 from minidiffit.sample import SampleConfig, sample
-from minidiffit.runtime import load_checkpoint
+from minidiffit.runtime import load_checkpoint, save_checkpoint
 from minidiffit.tasks import build_from_checkpoint
 from minidiffit.train import ema_beta, train
 from minidiffit.vae import VAEConfig, load_vae
@@ -195,9 +195,32 @@ def test_released_weights_path_matches_the_model(run, tmp_path, monkeypatch):
     other = randomized(LatentDiffiT(LATENT_PRESETS["tiny"]))  # save_safetensors -> released_model round trip
     save_safetensors(other, tmp_path / "other.safetensors")
     loaded, rcfg = latent_task.released_model(tmp_path / "other.safetensors")
-    assert rcfg.task == "latent" and loaded.cfg == other.cfg
+    assert rcfg.task == "latent" and loaded.cfg == other.cfg and rcfg.vae == ""  # no header: the release's rules
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 10])
     torch.testing.assert_close(loaded(x, t, y), other(x, t, y), rtol=0, atol=0)
+
+
+def test_an_exported_file_samples_as_its_run(run, tmp_path, monkeypatch):
+    """export records what the weights alone do not say, the preset's guidance and the VAE of the run's latents,
+    so sample.py --weights on the file makes the images sample.py --ckpt makes (not the release's guidance, not
+    SD's VAE)."""
+    guidance = latent.Guidance(scale=2.5, schedule="constant")
+    monkeypatch.setitem(LATENT_PRESETS, "tiny", dataclasses.replace(LATENT_PRESETS["tiny"], guidance=guidance))
+    monkeypatch.delenv("MINIDIFFIT_VAE", raising=False)  # the VAE comes from the run's manifest: the tiny one
+    model, cfg, ckpt = build_from_checkpoint(run / "ckpt.pt")
+    randomized(model, seed=3)  # trained 4 steps, the model's output hardly depends on the guidance: make it
+    save_checkpoint(dict(ckpt, ema=model.state_dict()), tmp_path / "ckpt.pt")
+    weights = tmp_path / "tiny.safetensors"
+    latent_task.export(tmp_path / "ckpt.pt", weights)
+    loaded, rcfg = latent_task.released_model(weights)
+    assert loaded.cfg.guidance == guidance and (rcfg.vae, rcfg.vae_scale) == latent_task.vae_source(cfg)
+    npz = tmp_path / "exported.npz"
+    sample(SampleConfig(weights=str(weights), num_samples=4, out=str(npz), steps=3, batch=4, quantize="round"), **QUIET)
+    expected = latent_task.generate(model, torch.arange(4), cfg, num_steps=3)
+    release = latent_task.generate(model, torch.arange(4), cfg, num_steps=3, guidance=latent.GUIDANCE_PRESETS["256"])
+    assert (expected - release).abs().max() > 1e-3  # the guidance matters here
+    with np.load(npz) as z:
+        np.testing.assert_array_equal(z["arr_0"], fid.as_uint8_nchw(expected).permute(0, 2, 3, 1).numpy())
 
 
 # ----------------------------------------------------------------------------
