@@ -21,6 +21,7 @@ import torch
 
 from minidiffit import edm_task
 from minidiffit.fid import EvalConfig, RefConfig, build_reference, evaluate
+from minidiffit.peers import num_parameters
 from minidiffit.runtime import load_checkpoint
 from minidiffit.sample import SampleConfig, sample
 from minidiffit.train import train
@@ -41,7 +42,7 @@ VARIANTS = {
 
 def parameters(cfg):
     if cfg.arch == "unet2d":
-        return sum(p.numel() for p in edm_task.build_model(cfg).parameters())
+        return num_parameters(edm_task.build_model(cfg))
     return count_parameters(edm_task.unet_config(cfg))
 
 

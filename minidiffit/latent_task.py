@@ -225,7 +225,7 @@ def export(ckpt, out, use_ema=True):
     if saved["config"].get("task") != "latent":
         raise ValueError(f"{ckpt} is a {saved['config'].get('task')!r} run; export takes latent DiffiT checkpoints")
     cfg = dataclass_from_dict(Config, saved["config"])
-    model = LatentDiffiT(LATENT_PRESETS[cfg.preset])
+    model = build_model(cfg)
     model.load_state_dict(saved["ema" if use_ema else "model"])
     source, scale = vae_source(cfg)
     meta = {"preset": cfg.preset, "vae": source, "vae_scale": repr(scale)}
