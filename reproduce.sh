@@ -96,7 +96,7 @@ run_cifar10() {
     local launch=("$PY" -m)
   fi
   local train_args=("${defaults[@]}" ${args[@]+"${args[@]}"})
-  "$PY" -m minidiffit.train check "${train_args[@]}" >/dev/null  # every key checked before any work
+  "$PY" -m minidiffit train check "${train_args[@]}" >/dev/null  # every key checked before any work
   local out preset
   out=$(arg_value out "" "${train_args[@]}")
   preset=$(arg_value preset "" "${train_args[@]}")
@@ -104,32 +104,32 @@ run_cifar10() {
     echo "== CUDA, $ngpu GPU(s): preset $preset, EDM recipe -> $out"
     "${launch[@]}" minidiffit.train "${train_args[@]}"
     echo "== 50k samples, 18 Heun steps (35 network evaluations), EMA weights -> $out/samples"
-    "${launch[@]}" minidiffit.sample --ckpt=$out/ckpt.pt --num_samples=50000 --steps=18 --batch=500 --out=$out/samples
+    "${launch[@]}" minidiffit.tools.sample --ckpt=$out/ckpt.pt --num_samples=50000 --steps=18 --batch=500 --out=$out/samples
     local ref=runs/fid_refs/cifar10_train.npz tag="cifar10 ckpt=$out/ckpt.pt samples=50000 nfe=35"
     if [[ ! -f $ref ]]; then
       mkdir -p "$(dirname $ref)"
-      "$PY" -m minidiffit.fid ref --data=cifar10 ${data_dir:+--data_dir="$data_dir"} --out=$ref
+      "$PY" -m minidiffit fid ref --data=cifar10 ${data_dir:+--data_dir="$data_dir"} --out=$ref
     fi
     mkdir -p results
     if grep -qsF "$tag" results/cifar10.txt && [[ results/cifar10.txt -nt $out/ckpt.pt ]]; then
       echo "== FID already in results/cifar10.txt"
     else
-      "$PY" -m minidiffit.fid --samples=$out/samples --ref=$ref --results=results/cifar10.txt --tag="$tag"
+      "$PY" -m minidiffit fid --samples=$out/samples --ref=$ref --results=results/cifar10.txt --tag="$tag"
     fi
     tail -n 1 results/cifar10.txt
   else
     echo "== no CUDA: CPU tier, preset $preset for a bounded time (--minutes=, default 30) -> $out"
-    "$PY" -m minidiffit.train "${train_args[@]}"
+    "$PY" -m minidiffit train "${train_args[@]}"
     if [[ -f $out/samples.png && $out/samples.png -nt $out/ckpt.pt ]]; then
       echo "== $out/samples.png is up to date"
     else
       echo "== 64 samples, 18 Heun steps (35 network evaluations), EMA weights -> $out/samples.png"
-      "$PY" -m minidiffit.sample --ckpt=$out/ckpt.pt --num_samples=64 --steps=18 --batch=64 --out=$out/samples.png --overwrite=true
+      "$PY" -m minidiffit sample --ckpt=$out/ckpt.pt --num_samples=64 --steps=18 --batch=64 --out=$out/samples.png --overwrite=true
     fi
   fi
 }
 
-# ImageNet-256 with the latent DiffiT (DiffiT Sec. 4, App. I.2; minidiffit/latent_task.py). Stages resume
+# ImageNet-256 with the latent DiffiT (DiffiT Sec. 4, App. I.2; minidiffit/tools/latent_task.py). Stages resume
 # or are skipped when done: prepare -> $out/latents (VAE latents, both flips), train -> $out/ckpt.pt (XL/2,
 # lr 3e-4, batch 256, EMA 0.9999), sample -> $out/samples_50k.npz (50k class-balanced images, guidance,
 # 250 steps; arr_0 uint8 NHWC, arr_1 labels), FID/precision/recall vs ADM's reference batch -> one line in
@@ -158,7 +158,7 @@ run_imagenet256() {
   [[ -n "$weights" && "$weights" != /* ]] && weights="$CALLER_PWD/$weights"
   [[ "$ref" != /* && "$ref" != runs/* ]] && ref="$CALLER_PWD/$ref"
   # Every training key is checked now, before the prepare stage (hours of VAE encoding on a GPU box).
-  "$PY" -m minidiffit.train check --task=latent --out=runs/imagenet256 ${args[@]+"${args[@]}"} >/dev/null
+  "$PY" -m minidiffit train check --task=latent --out=runs/imagenet256 ${args[@]+"${args[@]}"} >/dev/null
   local ngpu
   ngpu=$(cuda_count)
   if [[ "$ngpu" -gt 0 ]]; then
@@ -192,7 +192,7 @@ imagenet256_stages() {
       echo "== $out/latents: all images already encoded"
     else
       [[ "$mode" == run ]] && echo "== prepare: ADM center crop to 256, SD VAE (sd-vae-ft-ema) latents, both flips -> $out/latents"
-      step "${launch[@]}" minidiffit.imagenet prepare --data_dir="$data_dir" --out=$out/latents --image_size=256
+      step "${launch[@]}" minidiffit.tools.imagenet prepare --data_dir="$data_dir" --out=$out/latents --image_size=256
     fi
     [[ "$mode" == run ]] && echo "== train: XL/2, lr 3e-4, batch 256, EMA 0.9999, bf16 + compile (resumes $out/ckpt.pt)"
     step "${launch[@]}" minidiffit.train --task=latent --preset=XL/2 --data_dir=$out/latents --out=$out "$@"
@@ -202,7 +202,7 @@ imagenet256_stages() {
   else
     [[ "$mode" == run ]] && echo "== sample: 50k images (image i: seed i, class i % 1000), guidance, 250 steps x 2 evaluations -> $samples"
     [[ "$mode" == run ]] && mkdir -p $out
-    step "${launch[@]}" minidiffit.sample "${source[@]}" --num_samples=50000 --steps=250 --batch=64 --out=$samples --overwrite=true
+    step "${launch[@]}" minidiffit.tools.sample "${source[@]}" --num_samples=50000 --steps=250 --batch=64 --out=$samples --overwrite=true
   fi
   if [[ "$mode" == run && ! -f "$ref" ]]; then
     echo "reproduce.sh imagenet256: ADM's reference batch $ref is missing. Download it (1.5 GB) with" >&2
@@ -212,7 +212,7 @@ imagenet256_stages() {
   fi
   local tag="imagenet256 ${source[*]} samples=50000 steps=250 nfe=500 (guidance doubles the batch)"
   [[ "$mode" == run ]] && mkdir -p results && echo "== FID, precision, recall vs ADM's reference batch $ref"
-  step "$PY" -m minidiffit.fid --samples=$samples --ref="$ref" --results=results/imagenet256.txt --tag="$tag"
+  step "$PY" -m minidiffit fid --samples=$samples --ref="$ref" --results=results/imagenet256.txt --tag="$tag"
   [[ "$mode" == run ]] && tail -n 1 results/imagenet256.txt
   return 0
 }
@@ -223,10 +223,10 @@ imagenet256_stages() {
 imagenet256_fast() {
   local out=runs/imagenet256_fast
   export MINIDIFFIT_FAST=1
-  [[ -d $out/images ]] || "$PY" -m minidiffit.imagenet synthetic --out=$out/images --num_classes=10 --per_class=4 --size=64
-  "$PY" -m minidiffit.imagenet prepare --data_dir=$out/images --out=$out/latents --image_size=64 --vae=tiny \
+  [[ -d $out/images ]] || "$PY" -m minidiffit imagenet synthetic --out=$out/images --num_classes=10 --per_class=4 --size=64
+  "$PY" -m minidiffit imagenet prepare --data_dir=$out/images --out=$out/latents --image_size=64 --vae=tiny \
     --batch=20 --shard_size=16 --num_workers=0
-  local train=("$PY" -m minidiffit.train --task=latent --preset=tiny --data_dir=$out/latents --out=$out/run --batch=8
+  local train=("$PY" -m minidiffit train --task=latent --preset=tiny --data_dir=$out/latents --out=$out/run --batch=8
     --lr=1e-3 --ema_halflife_kimg=0.05 --ckpt_every=10 --log_every=10 --grid=4 --sample_steps=10 --compile=false)
   "${train[@]}" --iters=10 "$@"
   echo "== resume the run for 10 more steps"
@@ -234,19 +234,19 @@ imagenet256_fast() {
   fresh() { [[ -f $1 && $1 -nt $2 ]]; }  # output $1 exists and is newer than input $2
   if fresh $out/samples.npz $out/run/ckpt.pt; then echo "== $out/samples.npz is up to date"; else
     echo "== sample 20 images (25 steps, guidance) -> $out/samples.npz"
-    "$PY" -m minidiffit.sample --ckpt=$out/run/ckpt.pt --num_samples=20 --steps=25 --batch=10 --out=$out/samples.npz --overwrite=true
+    "$PY" -m minidiffit sample --ckpt=$out/run/ckpt.pt --num_samples=20 --steps=25 --batch=10 --out=$out/samples.npz --overwrite=true
   fi
   if fresh $out/samples_weights.npz $out/run/ckpt.pt; then echo "== $out/samples_weights.npz is up to date"; else
     echo "== the released-weights path: export the EMA as safetensors, sample it with --weights"
-    "$PY" -m minidiffit.latent_task export --ckpt=$out/run/ckpt.pt --out=$out/tiny.safetensors
-    MINIDIFFIT_VAE=tiny "$PY" -m minidiffit.sample --weights=$out/tiny.safetensors --num_samples=20 --steps=25 --batch=10 \
+    "$PY" -m minidiffit export --ckpt=$out/run/ckpt.pt --out=$out/tiny.safetensors
+    MINIDIFFIT_VAE=tiny "$PY" -m minidiffit sample --weights=$out/tiny.safetensors --num_samples=20 --steps=25 --batch=10 \
       --out=$out/samples_weights.npz --overwrite=true
   fi
-  [[ -f $out/ref.npz ]] || "$PY" -m minidiffit.imagenet reference --data_dir=$out/images --out=$out/ref.npz --image_size=64
+  [[ -f $out/ref.npz ]] || "$PY" -m minidiffit imagenet reference --data_dir=$out/images --out=$out/ref.npz --image_size=64
   local s
   for s in samples samples_weights; do
     if fresh $out/results_$s.txt $out/$s.npz; then echo "== $out/results_$s.txt is up to date"; else
-      "$PY" -m minidiffit.fid --samples=$out/$s.npz --ref=$out/ref.npz --network=tiny-random \
+      "$PY" -m minidiffit fid --samples=$out/$s.npz --ref=$out/ref.npz --network=tiny-random \
         --results=$out/results_$s.txt --tag="FAST CPU pipeline check ($s), NOT a real FID"
     fi
   done
@@ -286,43 +286,43 @@ run_fashion() {
 
   echo "== 1/6 image space: DiffiT U-Net (preset fashion, 1 channel, TMSA), EDM recipe -> $out/edm"
   # Choice: laptop settings: batch 64, lr 1e-3 after a 0.5 kimg warm-up, no augmentation, EDM's EMA ramp.
-  "$PY" -m minidiffit.train --preset=fashion "${data[@]}" --out=$out/edm "${edm_len[@]}" --lr=1e-3 --warmup_kimg=0.5 \
+  "$PY" -m minidiffit train --preset=fashion "${data[@]}" --out=$out/edm "${edm_len[@]}" --lr=1e-3 --warmup_kimg=0.5 \
     --augment_p=0 --ckpt_every=200 --log_every=20 --grid=0
   if fresh $out/edm/samples.png $out/edm/ckpt.pt; then echo "== $out/edm/samples.png is up to date"; else
-    "$PY" -m minidiffit.sample --ckpt=$out/edm/ckpt.pt --num_samples=100 --nrow=10 --out=$out/edm/samples.png --overwrite=true
+    "$PY" -m minidiffit sample --ckpt=$out/edm/ckpt.pt --num_samples=100 --nrow=10 --out=$out/edm/samples.png --overwrite=true
   fi
 
   echo "== 2/6 latent space: a small autoencoder (32x32x1 -> 8x8x4), its scale measured as 1/std -> $out/ae"
-  "$PY" -m minidiffit.autoencoder "${data[@]}" --out=$out/ae "${ae_len[@]}"
+  "$PY" -m minidiffit autoencoder "${data[@]}" --out=$out/ae "${ae_len[@]}"
   echo "== 3/6 prepare: its latents of the training set, both flips, shards + manifest -> $out/latents"
-  "$PY" -m minidiffit.imagenet prepare "${data[@]}" --out=$out/latents --vae=$out/ae/ckpt.pt --num_workers=0 \
+  "$PY" -m minidiffit imagenet prepare "${data[@]}" --out=$out/latents --vae=$out/ae/ckpt.pt --num_workers=0 \
     --batch=256 ${prep[@]+"${prep[@]}"}
   echo "== 4/6 latent DiffiT (preset fashion), class labels with dropout 0.1, ADM diffusion, learned variance -> $out/latent"
   # Choice: EDM's EMA ramp (half-life at most 5% of the images seen) instead of DiT's 0.9999, which would keep the
   # EMA at its initial weights through a run of a few thousand steps.
-  "$PY" -m minidiffit.train --task=latent --preset=fashion --data_dir=$out/latents --out=$out/latent "${lat_len[@]}" \
+  "$PY" -m minidiffit train --task=latent --preset=fashion --data_dir=$out/latents --out=$out/latent "${lat_len[@]}" \
     --lr=1e-3 --ema_halflife_kimg=500 --ema_rampup=0.05 --ckpt_every=200 --log_every=20 --grid=0
   if fresh $out/latent/samples.png $out/latent/ckpt.pt; then echo "== $out/latent grids are up to date"; else
     # column c holds class c; the sweep uses the same seeds (same noise, same classes) at guidance 1 and 4
-    "$PY" -m minidiffit.sample --ckpt=$out/latent/ckpt.pt --num_samples=100 --nrow=10 --steps=$lat_steps --out=$out/latent/samples.png --overwrite=true
+    "$PY" -m minidiffit sample --ckpt=$out/latent/ckpt.pt --num_samples=100 --nrow=10 --steps=$lat_steps --out=$out/latent/samples.png --overwrite=true
     for g in 1 4; do
-      "$PY" -m minidiffit.sample --ckpt=$out/latent/ckpt.pt --num_samples=30 --nrow=10 --steps=$lat_steps --guidance=$g \
+      "$PY" -m minidiffit sample --ckpt=$out/latent/ckpt.pt --num_samples=30 --nrow=10 --steps=$lat_steps --guidance=$g \
         --out=$out/latent/guidance_$g.png --overwrite=true
     done
   fi
 
   echo "== 5/6 samples for FID: $num per model"
   fresh $out/edm/samples_$num.npz $out/edm/ckpt.pt ||
-    "$PY" -m minidiffit.sample --ckpt=$out/edm/ckpt.pt --num_samples=$num --batch=100 --out=$out/edm/samples_$num.npz --overwrite=true
+    "$PY" -m minidiffit sample --ckpt=$out/edm/ckpt.pt --num_samples=$num --batch=100 --out=$out/edm/samples_$num.npz --overwrite=true
   fresh $out/latent/samples_$num.npz $out/latent/ckpt.pt ||
-    "$PY" -m minidiffit.sample --ckpt=$out/latent/ckpt.pt --num_samples=$num --batch=100 --steps=$lat_steps \
+    "$PY" -m minidiffit sample --ckpt=$out/latent/ckpt.pt --num_samples=$num --batch=100 --steps=$lat_steps \
       --out=$out/latent/samples_$num.npz --overwrite=true
 
   echo "== 6/6 FID with the Inception network vs $num test images, beside the real-vs-real floor (train vs test)"
   mkdir -p $out/fid results
   local split
   for split in train test; do
-    [[ -f $out/fid/${split}_$num.npz ]] || "$PY" -m minidiffit.fid ref "${data[@]}" --split=$split --num=$num \
+    [[ -f $out/fid/${split}_$num.npz ]] || "$PY" -m minidiffit fid ref "${data[@]}" --split=$split --num=$num \
       --out=$out/fid/${split}_$num.npz ${net[@]+"${net[@]}"}
   done
   local results=results/fashion.txt
@@ -330,7 +330,7 @@ run_fashion() {
   fid_once() {  # tag samples: one line in $results per samples file, again only when the samples are newer
     local stamp=$out/fid/.scored_$(basename "$(dirname "$2")")_$(basename "$2")  # touched once their line is written
     if fresh $stamp $2 && grep -qsF -- "$1" $results; then echo "== already in $results: $1"; return; fi
-    "$PY" -m minidiffit.fid --samples=$2 --ref=$out/fid/test_$num.npz --results=$results --tag="$1" ${net[@]+"${net[@]}"}
+    "$PY" -m minidiffit fid --samples=$2 --ref=$out/fid/test_$num.npz --results=$results --tag="$1" ${net[@]+"${net[@]}"}
     touch $stamp
   }
   fid_once "fashion floor: Fashion-MNIST train vs test, N=$num [$where]" $out/fid/train_$num.npz

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from minidiffit.fid import feature_statistics, frechet_distance
-from minidiffit.inception import load_inception, preprocess
+from minidiffit.base.inception import load_inception, preprocess
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--npz", required=True, help="CIFAR-10 npz in the development copy's layout")

@@ -4,7 +4,7 @@
     python benchmarks/peers.py --smoke       # tiny presets, 2 short rounds: checks the script runs (< 1 minute)
     python benchmarks/peers.py --rounds 9 --pairs S/2,fashion   # more rounds (a steadier median), some pairs
 
-Pairs (`minidiffit/peers.py`): LatentDiffiT S/2 and B/2 against diffusers' DiT of the same shape (32x32x4
+Pairs (`experiments/peer_models.py`): LatentDiffiT S/2 and B/2 against diffusers' DiT of the same shape (32x32x4
 latents, 1000 classes), DiffiTUNet `fashion` and `small` against a UNet2DModel of the same parameter budget.
 Rounds interleave a pair (round r times A then B, the next round B then A), so drifts in the machine's speed
 hit both alike; every figure is the median over rounds, after one untimed warm-up call that also sets how many
@@ -19,7 +19,9 @@ GFLOP x images/s (backward ~ 2 forwards). Prints a markdown table with the devic
 import argparse
 import contextlib
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +30,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minidiffit.diffusion import EDMPrecond, edm_loss
 from minidiffit.latent import LATENT_PRESETS, LatentDiffiT
-from minidiffit.peers import DiffusersDiT, num_parameters, unet2d_like
 from minidiffit.unet import UNET_PRESETS, DiffiTUNet
 
 from common import clock, cuda, device, name  # benchmarks/common.py (the script's own folder is on sys.path)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from peer_models import DiffusersDiT, num_parameters, unet2d_like  # noqa: E402  experiments/peer_models.py
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--smoke", action="store_true", help="tiny presets, 2 short rounds (CPU check of the script)")

@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from minidiffit import edm_task, latent_task
+from minidiffit.tools import edm_task, latent_task
 from minidiffit.adm import GaussianDiffusion
 from minidiffit.latent import default_guidance
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from minidiffit import edm_task
-from minidiffit.fid import EvalConfig, RefConfig, build_reference, evaluate
-from minidiffit.peers import num_parameters
-from minidiffit.runtime import load_checkpoint
-from minidiffit.sample import SampleConfig, sample
-from minidiffit.train import train
+from minidiffit.tools import edm_task
+from minidiffit.tools.evaluate import EvalConfig, RefConfig, build_reference, evaluate
+from peer_models import num_parameters  # experiments/peer_models.py (the script's own folder is on sys.path)
+from minidiffit.base.runtime import load_checkpoint
+from minidiffit.tools.sample import SampleConfig, sample
+from minidiffit.tools.tasks import train
 from minidiffit.unet import count_parameters
 
 # name: (edm_task.Config overrides, what the paper reports for it on CIFAR-10, DiffiT Sec. 5.3 / DESIGN.md Sec. 2)

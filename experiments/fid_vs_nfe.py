@@ -4,7 +4,7 @@
     python experiments/fid_vs_nfe.py              # ~25 min on 2 CPU cores: N = 500 samples per point
     python experiments/fid_vs_nfe.py --smoke      # FAST check of the script (FAST runs, tiny-random network)
 
-For each (model, sampler, steps) it samples the same seeds 0..N-1 with `minidiffit.sample` into
+For each (model, sampler, steps) it samples the same seeds 0..N-1 with `minidiffit.tools.sample` into
 RUN/nfe/*.npz (kept: a rerun only scores what is missing), scores them with `minidiffit.fid` against
 RUN/fid/test_N.npz, and writes results/fid_vs_nfe.json (one record per point), a table on stdout and
 docs/fid_vs_nfe.png. Cost is NFE: wall-clock is proportional to it for a given model. NFE counts network evaluations per image; the
@@ -21,8 +21,8 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from minidiffit.fid import EvalConfig, evaluate  # noqa: E402
-from minidiffit.sample import SampleConfig, sample  # noqa: E402
+from minidiffit.tools.evaluate import EvalConfig, evaluate  # noqa: E402
+from minidiffit.tools.sample import SampleConfig, sample  # noqa: E402
 
 # (model, sampler, steps): the paper's samplers are EDM Heun (18 steps = 35 NFE on CIFAR-10) and 250 ancestral steps
 POINTS = ([("edm", "heun", s) for s in (3, 5, 10, 18)] + [("edm", "dpm++2m", s) for s in (5, 10, 20)]

@@ -8,7 +8,7 @@ the latent scale factor is then measured as LDM measured SD's 0.18215: 1 / std o
 `AutoencoderVAE` gives it vae.LatentVAE's interface, so `vae.load_vae(VAEConfig(source="DIR/ckpt.pt"))`,
 imagenet.prepare and the latent task take it as they take SD's VAE. Introduced in
 notebooks/07_latent_space.ipynb. Command line:
-    python -m minidiffit.autoencoder --data=fashion_mnist --data_dir=DIR --out=runs/fashion/ae --minutes=3
+    python -m minidiffit autoencoder --data=fashion_mnist --data_dir=DIR --out=runs/fashion/ae --minutes=3
 """
 
 import dataclasses
@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import check, run_command
-from .data import load_dataset, save_grid, to_float, to_uint8
-from .runtime import check_resumable, check_same_data, dataclass_from_dict, derive_seed, load_checkpoint, save_checkpoint
+from .base.config import check, run_command
+from .base.data import load_dataset, save_grid, to_float, to_uint8
+from .base.runtime import check_resumable, check_same_data, dataclass_from_dict, derive_seed, load_checkpoint, save_checkpoint
 
 # ----------------------------------------------------------------------------
 # Config
@@ -237,14 +237,14 @@ class AutoencoderVAE(nn.Module):
 
 
 def load_autoencoder(path, device="cpu"):
-    """(Autoencoder in eval mode, measured scale) from a ckpt.pt that `python -m minidiffit.autoencoder` wrote."""
+    """(Autoencoder in eval mode, measured scale) from a ckpt.pt that `python -m minidiffit autoencoder` wrote."""
     ckpt = load_checkpoint(path, what="autoencoder checkpoint")
     if ckpt["config"].get("kind") != "autoencoder":
         raise ValueError(f"{path} is not an autoencoder checkpoint (it is a {ckpt['config'].get('task', '?')!r} training "
-                         f"run); pass the ckpt.pt of `python -m minidiffit.autoencoder --out=DIR`")
+                         f"run); pass the ckpt.pt of `python -m minidiffit autoencoder --out=DIR`")
     if ckpt.get("scale") is None:
         raise ValueError(f"autoencoder {path} has no measured scale factor yet (its run stopped before the end); rerun "
-                         f"`python -m minidiffit.autoencoder` with the same settings to finish it")
+                         f"`python -m minidiffit autoencoder` with the same settings to finish it")
     cfg = dataclass_from_dict(AutoencoderConfig, ckpt["config"])
     model = Autoencoder(cfg)
     model.load_state_dict(ckpt["model"])
@@ -341,7 +341,7 @@ def train_autoencoder(cfg: AutoencoderConfig, log=None):
 
 
 def main(argv=None):
-    run_command("minidiffit.autoencoder", __doc__, {"": (lambda a: AutoencoderConfig(), train_autoencoder)}, argv)
+    run_command("minidiffit autoencoder", __doc__, {"": (lambda a: AutoencoderConfig(), train_autoencoder)}, argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,6 @@
 """The training loop: EDM's recipe for the image-space DiffiT, DiT's for the latent one (DiffiT Sec. 4, App. I).
 
-    python -m minidiffit.train --preset=small --data=cifar10 --out=runs/x [--key=value ...]
-    python -m minidiffit.train --task=latent --help
-    torchrun --nproc_per_node=8 -m minidiffit.train --preset=cifar10 --data=cifar10 --out=runs/cifar10
-
-One loop for every task (tasks.py: edm, latent), in three named steps that notebook 05 calls one by one:
+One loop for every task (minidiffit/tools/tasks.py: edm, latent), in three named steps that notebook 05 calls one by one:
 `setup` (build or resume), `train_step` (one optimizer step: accumulation, Adam, EMA) and `save_state`
 (grid, log line, atomic checkpoint). Adam with lr warm-up, an EMA with EDM's half-life ramp, DDP through
 torchrun, exact resume, divergence stops. Introduced in notebooks/05_train_cifar10.ipynb.
@@ -25,11 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import parse_overrides, run_command
-from .data import save_grid
-from .runtime import (atomic_write, check_resumable, check_same_data, derive_seed, finite, init_process, load_checkpoint,
+from .base.data import save_grid
+from .base.runtime import (atomic_write, check_resumable, check_same_data, derive_seed, finite, init_process, load_checkpoint,
                       save_checkpoint)
-from .tasks import get_task, task_config
 
 # ----------------------------------------------------------------------------
 # The schedule: lr warm-up and EMA (EDM training_loop, written from its formulas)
@@ -143,11 +137,11 @@ def fast_path(flag, device):
     return device.type == "cuda" if flag is None else flag
 
 
-def setup(cfg, log=None):
-    """Build the run of `cfg` (task, model, EMA, optimizer, data), resuming cfg.out/ckpt.pt when it exists.
+def setup(task, cfg, log=None):
+    """Build the run of `task` with settings `cfg` (model, EMA, optimizer, data), resuming cfg.out/ckpt.pt when
+    it exists. A task is a module with build_model, loss, generate, load_data (minidiffit/tools/edm_task.py).
 
     Refuses a checkpoint of another run (other settings, or other data: its fingerprint), before any work."""
-    task = get_task(cfg.task)
     rank, world, device, log = init_process(log)
     cuda = device.type == "cuda"
     if cfg.batch % (world * cfg.accum):
@@ -300,9 +294,9 @@ def _fmt_time(s):
 # The loop
 
 
-def train(cfg, log=None):
-    """Train (or resume) the run in cfg.out until cfg.iters steps or cfg.minutes; returns the final step."""
-    run = setup(cfg, log)
+def train(task, cfg, log=None):
+    """Train (or resume) `task`'s run in cfg.out until cfg.iters steps or cfg.minutes; returns the final step."""
+    run = setup(task, cfg, log)
     log = run.log
     # Choice: --minutes is a budget for the whole run, summed over resumes (saved as elapsed_s), so a killed
     # 30-minute run that is restarted trains for what is left, and rerunning a finished one does nothing.
@@ -353,18 +347,3 @@ def train(cfg, log=None):
             ckpt_losses = []
     log(f"done: step {run.step}, {run.step * cfg.batch / 1000:.1f} kimg, {_fmt_time(run.elapsed)} trained; {run.out / 'ckpt.pt'}")
     return run.step
-
-
-def config_from_args(argv):
-    """The task's Config from `--key=value` arguments: the task (--task=, default edm) gives the defaults."""
-    return parse_overrides(task_config(argv), argv)
-
-
-def main(argv=None):
-    run_command("minidiffit.train", __doc__, {"": (task_config, train),
-                                              # `check`: validate the settings and exit (reproduce.sh, before any stage)
-                                              "check": (task_config, lambda cfg: print(f"settings ok ({cfg.task})"))}, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -20,8 +20,8 @@ def one_thread():
 def random_tiny_checkpoint(path, step=0, **settings):
     """Write a `tiny`-preset EDM checkpoint with random (not zero-initialised) weights, so that samples depend on
     the network, to `path`; `settings` override the edm_task.Config fields. Returns the path."""
-    from minidiffit import edm_task
-    from minidiffit.runtime import save_checkpoint
+    from minidiffit.tools import edm_task
+    from minidiffit.base.runtime import save_checkpoint
 
     cfg = edm_task.Config(**{"preset": "tiny", "data": "synthetic", "grid": 0, "augment_p": 0, **settings})
     torch.manual_seed(0)

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidiffit import latent_task
+from minidiffit.tools import latent_task
 from minidiffit.autoencoder import (Autoencoder, AutoencoderConfig, AutoencoderVAE, autoencoder_loss, kl_divergence,
                                     main, measure_scale, psnr, reconstruct)
-from minidiffit.data import load_dataset, synthetic_dataset, to_float
-from minidiffit.imagenet import LatentShardDataset, PrepareConfig, prepare
-from minidiffit.runtime import load_checkpoint
-from minidiffit.vae import VAEConfig, load_vae
+from minidiffit.base.data import load_dataset, synthetic_dataset, to_float
+from minidiffit.tools.imagenet import LatentShardDataset, PrepareConfig, prepare
+from minidiffit.base.runtime import load_checkpoint
+from minidiffit.tools.vae import VAEConfig, load_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

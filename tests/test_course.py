@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidiffit.course import check, compare
+from minidiffit.base.course import check, compare
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb") if not p.name.startswith("00_"))
@@ -98,7 +98,7 @@ def test_the_course_has_exercises_from_01():
 def test_exercises_are_checked_and_untouched_as_committed(path):
     setup, checks = _exercises(path)
     assert 2 <= len(checks) <= 4, f"{path.name}: {len(checks)} exercises, the course asks for 2-4"
-    assert "from minidiffit.course import check" in _src(setup), f"{path.name}: the set-up cell imports check"
+    assert "from minidiffit.base.course import check" in _src(setup), f"{path.name}: the set-up cell imports check"
     number = str(int(path.name[:2]))
     for cell in checks:
         assert _src(cell).startswith("# NBVAL_CHECK_OUTPUT"), f"{path.name}: check cells are compared by nbval"

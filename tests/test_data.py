@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiffit import data
-from minidiffit.data import folder_dataset, load_dataset, synthetic_dataset, to_float, to_uint8
+from minidiffit.base import data
+from minidiffit.base.data import folder_dataset, load_dataset, synthetic_dataset, to_float, to_uint8
 
 
 def test_synthetic_is_deterministic_and_in_range():

@@ -10,7 +10,7 @@ network's matmuls (EDMPrecond's skip path and the loss stay float32): losses wit
 import pytest
 import torch
 
-from minidiffit import edm_task
+from minidiffit.tools import edm_task
 from minidiffit.train import DataOrder, fast_path, setup, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,7 +20,7 @@ def trained(tmp_path, name, steps=3, **kw):
     """(losses, samples) of a tiny EDM run trained `steps` steps and sampled with 4 Heun steps from its raw weights."""
     cfg = edm_task.Config(preset="tiny", data="synthetic", num_data=32, out=str(tmp_path / name), batch=8, iters=steps,
                           warmup_kimg=0, grid=0, **kw)
-    run = setup(cfg, log=lambda *a: None)
+    run = setup(edm_task, cfg, log=lambda *a: None)
     order = DataOrder(len(run.data), cfg.seed)
     losses = torch.tensor([train_step(run, order) for _ in range(steps)], dtype=torch.float64)
     # the raw weights, not the EMA: three steps of EMA would hide most of what training changed

@@ -2,7 +2,7 @@
 file (exit code 2, no traceback) or in correct behaviour: the last good checkpoint kept bit for bit, a resume
 bit-identical to a run never interrupted, no partial or temporary file left. Bad input: test_faults_cli.py.
 
-Kills are real SIGKILLs of `python -m minidiffit.train` / `sample` subprocesses at seeded random moments; a full
+Kills are real SIGKILLs of `python -m minidiffit train` / `sample` subprocesses at seeded random moments; a full
 disk is a writer raising ENOSPC (monkeypatched) or /dev/full behind the temporary file (a real ENOSPC from the
 kernel, no mount needed); the rest runs in-process through the CLI shell (config.run_command). The helpers
 here are shared with test_faults_cli.py.
@@ -23,11 +23,13 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiffit import edm_task, fid
-from minidiffit import sample as S
-from minidiffit import train as T
+from minidiffit.tools import edm_task
+from minidiffit.tools import evaluate as fid
+from minidiffit.tools import sample as S
+from minidiffit import train as loop
+from minidiffit.tools import tasks as T
 from conftest import random_tiny_checkpoint
-from minidiffit.runtime import load_checkpoint, temporary_path
+from minidiffit.base.runtime import load_checkpoint, temporary_path
 
 TINY = ["--preset=tiny", "--data=synthetic", "--num_data=24", "--batch=4", "--grid=0", "--augment_p=0",
         "--warmup_kimg=0.02", "--compile=false"]
@@ -116,7 +118,7 @@ def test_injected_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp
     monkeypatch.setattr(edm_task, "loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
     # ckpt_every=1 < max_bad_steps: checkpoints fall due during the streak and must wait for a finite step
     code, err = cli(T.main, TINY + [f"--out={out}", "--iters=30", "--ckpt_every=1", "--max_bad_steps=3"], capsys)
-    assert_one_line_error(code, err, "minidiffit.train", "not finite for 3 steps", "diverged", out / "ckpt.pt")
+    assert_one_line_error(code, err, "minidiffit train", "not finite for 3 steps", "diverged", out / "ckpt.pt")
     assert (out / "ckpt.pt").read_bytes() == before
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
 
@@ -124,7 +126,7 @@ def test_injected_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp
 def test_too_high_lr_diverges_and_the_checkpoint_is_the_last_finite_step(tmp_path, capsys):
     args = TINY + ["--lr=1e3", "--warmup_kimg=0", "--ckpt_every=1", "--max_bad_steps=3"]
     code, err = cli(T.main, args + [f"--out={tmp_path / 'a'}", "--iters=40"], capsys)
-    assert_one_line_error(code, err, "minidiffit.train", "diverged", "--lr=1000")
+    assert_one_line_error(code, err, "minidiffit train", "diverged", "--lr=1000")
     records = read_metrics(tmp_path / "a" / "metrics.jsonl")
     last = load_checkpoint(tmp_path / "a" / "ckpt.pt")
     assert records[-1]["step"] == last["step"] and records[-1]["loss"] is not None  # the last record is a good step
@@ -138,7 +140,7 @@ def test_too_high_lr_diverges_and_the_checkpoint_is_the_last_finite_step(tmp_pat
 def test_nonfinite_weights_are_never_checkpointed(trained, tmp_path, monkeypatch, capsys):
     out = copy_run(trained, tmp_path)
     before = (out / "ckpt.pt").read_bytes()
-    real_update = T.ema_update
+    real_update = loop.ema_update
 
     def poisoned(ema, model, beta):  # the step's update leaves a NaN in the weights
         real_update(ema, model, beta)
@@ -147,7 +149,7 @@ def test_nonfinite_weights_are_never_checkpointed(trained, tmp_path, monkeypatch
 
     monkeypatch.setattr(T, "ema_update", poisoned)
     code, err = cli(T.main, TINY + [f"--out={out}", "--iters=5", "--ckpt_every=1"], capsys)
-    assert_one_line_error(code, err, "minidiffit.train", "weights are no longer finite at step 3", out / "ckpt.pt")
+    assert_one_line_error(code, err, "minidiffit train", "weights are no longer finite at step 3", out / "ckpt.pt")
     assert (out / "ckpt.pt").read_bytes() == before
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
 
@@ -175,7 +177,7 @@ def test_disk_full_while_writing_a_checkpoint(trained, tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(torch, "save", full)
     code, err = cli(T.main, TINY + [f"--out={out}", "--iters=3", "--ckpt_every=1"], capsys)
-    assert_one_line_error(code, err, "minidiffit.train", out / "ckpt.pt", "no space")
+    assert_one_line_error(code, err, "minidiffit train", out / "ckpt.pt", "no space")
     assert (out / "ckpt.pt").read_bytes() == before
     assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]  # no temporary left
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the rerun continues from step 2
@@ -209,7 +211,7 @@ def test_disk_full_while_writing_a_sample_png(how, sample_ckpt, tmp_path, monkey
 
         monkeypatch.setattr(Image.Image, "save", full)
     code, err = cli(S.main, [f"--ckpt={sample_ckpt}", f"--out={out}", "--num_samples=3", "--batch=1", "--steps=1"], capsys)
-    assert_one_line_error(code, err, "minidiffit.sample", target, "no space")
+    assert_one_line_error(code, err, "minidiffit sample", target, "no space")
     assert sorted(os.listdir(out)) == ["00000.png", "source.json"]  # nothing partial, no temporary
 
 # ----------------------------------------------------------------------------
@@ -221,7 +223,7 @@ TRAIN = TINY + ["--ckpt_every=1", "--log_every=1000", f"--iters={N_ITERS}"]
 
 
 def _train_cmd(out):
-    return [sys.executable, "-m", "minidiffit.train", *TRAIN, f"--out={out}"]
+    return [sys.executable, "-m", "minidiffit", "train", *TRAIN, f"--out={out}"]
 
 
 def _wait_for(predicate, proc, timeout=60):
@@ -274,7 +276,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference_run, t
 # after its metrics line was appended: the worst moment for both files.
 KILL_IN_CHECKPOINT = """
 import os, signal, sys, torch
-from minidiffit import train
+from minidiffit.tools import tasks as train
 real_save, calls = torch.save, []
 def save(obj, f, *a, **k):
     calls.append(1)
@@ -310,7 +312,7 @@ def test_kill_during_a_checkpoint_write_then_resume(reference_run, tmp_path):
 def test_sigkill_while_sampling_then_resume_is_bit_identical(sample_ckpt, tmp_path):
     # ~9 s: three sampling subprocesses of 8 images
     def cmd(out):
-        return [sys.executable, "-m", "minidiffit.sample", f"--ckpt={sample_ckpt}", f"--out={out}", "--num_samples=8",
+        return [sys.executable, "-m", "minidiffit", "sample", f"--ckpt={sample_ckpt}", f"--out={out}", "--num_samples=8",
                 "--batch=1", "--steps=8"]
 
     subprocess.run(cmd(tmp_path / "ref"), env=ENV, check=True, capture_output=True, timeout=300)

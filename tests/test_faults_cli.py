@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiffit import fid
-from minidiffit import sample as S
-from minidiffit import train as T
+from minidiffit.tools import evaluate as fid
+from minidiffit.tools import sample as S
+from minidiffit.tools import tasks as T
 from test_faults import ENV, TINY, assert_one_line_error, cli, copy_run, no_temporaries, sample_ckpt, trained  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny in-process runs (see conftest.py)
@@ -45,7 +45,7 @@ def test_train_bad_settings_are_one_line_errors_before_any_work(arg, needle, tmp
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(T, "train", lambda *a, **k: pytest.fail("work started"))
     code, err = cli(T.main, TINY + ["--out=run", arg] if arg != "--out=x.jpg" else TINY + [arg], capsys)
-    assert_one_line_error(code, err, "minidiffit.train", needle)
+    assert_one_line_error(code, err, "minidiffit train", needle)
     assert os.listdir(tmp_path) == []  # no run directory, no x.jpg directory
 
 
@@ -56,16 +56,16 @@ def test_train_bad_settings_are_one_line_errors_before_any_work(arg, needle, tmp
 ])
 def test_entry_points_as_processes_answer_one_line_and_exit_2(module, args, needle, tmp_path):
     # the real `python -m` path (runpy, __main__), as a user or reproduce.sh sees it
-    result = subprocess.run([sys.executable, "-m", f"minidiffit.{module}", *args], cwd=tmp_path, env=ENV,
+    result = subprocess.run([sys.executable, "-m", "minidiffit", module, *args], cwd=tmp_path, env=ENV,
                             capture_output=True, text=True, timeout=120)
-    assert_one_line_error(result.returncode, result.stderr, f"minidiffit.{module}", needle)
+    assert_one_line_error(result.returncode, result.stderr, f"minidiffit {module}", needle)
     assert result.stdout == "" and os.listdir(tmp_path) == []
 
 
 def test_train_out_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "notes").write_text("mine")
     code, err = cli(T.main, TINY + [f"--out={tmp_path / 'notes'}", "--iters=1"], capsys)
-    assert_one_line_error(code, err, "minidiffit.train", f"--out={tmp_path / 'notes'}", "is a file")
+    assert_one_line_error(code, err, "minidiffit train", f"--out={tmp_path / 'notes'}", "is a file")
     assert (tmp_path / "notes").read_text() == "mine"
 
 
@@ -110,7 +110,7 @@ def test_bad_checkpoint_in_the_run_dir_is_one_line_naming_it(kind, trained, tmp_
     _bad_checkpoint(kind, path, path.read_bytes())
     before = path.read_bytes() if path.is_file() else None
     code, err = cli(T.main, TINY + [f"--out={out}", "--iters=3", "--ckpt_every=1"], capsys)
-    assert_one_line_error(code, err, "minidiffit.train", path)
+    assert_one_line_error(code, err, "minidiffit train", path)
     assert (path.read_bytes() if path.is_file() else None) == before  # left as it was for the user to inspect
 
 
@@ -123,7 +123,7 @@ def test_resume_on_other_data_is_refused_naming_the_difference(tmp_path, capsys)
     assert cli(T.main, args + [f"--data_dir={tmp_path / 'a'}", "--iters=1"], capsys)[0] == 0
     before = (tmp_path / "run" / "ckpt.pt").read_bytes()
     code, err = cli(T.main, args + [f"--data_dir={tmp_path / 'b'}", "--iters=2"], capsys)
-    assert_one_line_error(code, err, "minidiffit.train", tmp_path / "run" / "ckpt.pt", "40 items then, 60 now", "--data_dir")
+    assert_one_line_error(code, err, "minidiffit train", tmp_path / "run" / "ckpt.pt", "40 items then, 60 now", "--data_dir")
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
 
 
@@ -141,7 +141,7 @@ def test_bad_image_in_a_folder_dataset_is_one_line_naming_it(damage, tmp_path, c
     bad.write_bytes({"truncated": good[: len(good) // 2], "garbage": b"\x89PNG not really", "empty": b""}[damage])
     code, err = cli(T.main, TINY + [f"--out={tmp_path / 'run'}", "--data=folder", f"--data_dir={tmp_path / 'data'}",
                                     "--iters=1"], capsys)
-    assert_one_line_error(code, err, "minidiffit.train", bad, "corrupt or truncated")
+    assert_one_line_error(code, err, "minidiffit train", bad, "corrupt or truncated")
     assert not (tmp_path / "run").exists()
 
 
@@ -154,7 +154,7 @@ def test_cifar10_on_a_flat_image_folder_is_reported_without_a_download(tmp_path,
         (tmp_path / "flat").mkdir(exist_ok=True)
         (tmp_path / "flat" / f"{i}.png").write_bytes(png_bytes(seed=i))
     code, err = cli(T.main, TINY + ["--data=cifar10", f"--data_dir={tmp_path / 'flat'}", f"--out={tmp_path / 'run'}"], capsys)
-    assert_one_line_error(code, err, "minidiffit.train", tmp_path / "flat", "not in class subfolders")
+    assert_one_line_error(code, err, "minidiffit train", tmp_path / "flat", "not in class subfolders")
     assert calls == []
 
 
@@ -166,7 +166,7 @@ def test_cifar10_missing_offline_is_one_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     code, err = cli(T.main, TINY + ["--data=cifar10", f"--data_dir={tmp_path / 'cache'}", f"--out={tmp_path / 'run'}"], capsys)
-    assert_one_line_error(code, err, "minidiffit.train", "could not load or download cifar10", tmp_path / "cache",
+    assert_one_line_error(code, err, "minidiffit train", "could not load or download cifar10", tmp_path / "cache",
                           "--data_dir=")
 
 # ----------------------------------------------------------------------------
@@ -176,13 +176,13 @@ def test_cifar10_missing_offline_is_one_line(tmp_path, monkeypatch, capsys):
 def test_sample_bad_settings_and_outputs(sample_ckpt, tmp_path, capsys):
     args = [f"--ckpt={sample_ckpt}", "--steps=1", "--batch=2"]
     code, err = cli(S.main, args + ["--num_samples=0", f"--out={tmp_path / 'pngs'}"], capsys)
-    assert_one_line_error(code, err, "minidiffit.sample", "--num_samples")
+    assert_one_line_error(code, err, "minidiffit sample", "--num_samples")
     assert not (tmp_path / "pngs").exists()
     (tmp_path / "file").write_text("x")  # --out names an existing file, not a folder
     code, err = cli(S.main, args + ["--num_samples=1", f"--out={tmp_path / 'file'}"], capsys)
-    assert_one_line_error(code, err, "minidiffit.sample", tmp_path / "file")
+    assert_one_line_error(code, err, "minidiffit sample", tmp_path / "file")
     code, err = cli(S.main, [f"--ckpt={tmp_path}", "--num_samples=1", f"--out={tmp_path / 'x.npz'}"], capsys)
-    assert_one_line_error(code, err, "minidiffit.sample", tmp_path, "directory")
+    assert_one_line_error(code, err, "minidiffit sample", tmp_path, "directory")
 
 
 @pytest.mark.parametrize("name", ["s.npz", "grid.png"])
@@ -191,7 +191,7 @@ def test_existing_npz_or_png_is_replaced_only_with_overwrite(name, sample_ckpt, 
     out.write_bytes(b"sentinel")
     args = [f"--ckpt={sample_ckpt}", "--steps=1", "--num_samples=2", f"--out={out}"]
     code, err = cli(S.main, args, capsys)
-    assert_one_line_error(code, err, "minidiffit.sample", out, "--overwrite=true")
+    assert_one_line_error(code, err, "minidiffit sample", out, "--overwrite=true")
     assert out.read_bytes() == b"sentinel"
     assert cli(S.main, args + ["--overwrite=true"], capsys)[0] == 0
     if name.endswith(".npz"):
@@ -209,12 +209,12 @@ def test_png_folder_of_another_checkpoint_is_refused(sample_ckpt, tmp_path, caps
     other.parent.mkdir()
     shutil.copy(sample_ckpt, other)
     code, err = cli(S.main, [f"--ckpt={other}", "--steps=1", "--num_samples=4", f"--out={out}"], capsys)
-    assert_one_line_error(code, err, "minidiffit.sample", out, "another model", str(other.resolve()))
+    assert_one_line_error(code, err, "minidiffit sample", out, "another model", str(other.resolve()))
     code, err = cli(S.main, [f"--ckpt={sample_ckpt}", "--steps=2", "--num_samples=4", f"--out={out}"], capsys)
-    assert_one_line_error(code, err, "minidiffit.sample", out, "steps: 1 there vs 2 now")
+    assert_one_line_error(code, err, "minidiffit sample", out, "steps: 1 there vs 2 now")
     (out / "source.json").write_text('{"ckpt": ')  # a corrupt record
     code, err = cli(S.main, [f"--ckpt={sample_ckpt}", "--steps=1", "--num_samples=4", f"--out={out}"], capsys)
-    assert_one_line_error(code, err, "minidiffit.sample", out / "source.json")
+    assert_one_line_error(code, err, "minidiffit sample", out / "source.json")
     before.pop("source.json")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "source.json"} == before
 
@@ -250,9 +250,9 @@ def ref(tmp_path):
 def test_fid_samples_of_different_sizes_are_refused(ref, tmp_path, capsys):
     _write_pngs(tmp_path / "s", [16, 16, 24, 24])  # sizes change between batches of 2
     code, err = cli(fid.main, [f"--samples={tmp_path / 's'}", f"--ref={ref}", "--network=tiny-random", "--batch=2"], capsys)
-    assert_one_line_error(code, err, "minidiffit.fid", tmp_path / "s", "differ in size")
+    assert_one_line_error(code, err, "minidiffit fid", tmp_path / "s", "differ in size")
     code, err = cli(fid.main, [f"--samples={tmp_path / 's'}", f"--ref={ref}", "--network=tiny-random", "--batch=4"], capsys)
-    assert_one_line_error(code, err, "minidiffit.fid", tmp_path / "s", "differ in size")  # within one batch
+    assert_one_line_error(code, err, "minidiffit fid", tmp_path / "s", "differ in size")  # within one batch
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
@@ -261,7 +261,7 @@ def test_fid_corrupt_png_is_one_line_naming_it(damage, ref, tmp_path, capsys):
     bad = tmp_path / "s" / "00002.png"
     bad.write_bytes(bad.read_bytes()[:100] if damage == "truncated" else b"not a png")
     code, err = cli(fid.main, [f"--samples={tmp_path / 's'}", f"--ref={ref}", "--network=tiny-random"], capsys)
-    assert_one_line_error(code, err, "minidiffit.fid", bad, "corrupt or truncated")
+    assert_one_line_error(code, err, "minidiffit fid", bad, "corrupt or truncated")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
@@ -273,5 +273,5 @@ def test_fid_corrupt_npz_is_one_line_naming_it(damage, ref, tmp_path, capsys):
         bad.write_bytes({"truncated": good[: len(good) // 2], "empty": b"", "text": b"hello\n"}[damage])
         args = [f"--samples={bad}", f"--ref={ref}"] if path.name == "s.npz" else [f"--samples={path}", f"--ref={bad}"]
         code, err = cli(fid.main, args + ["--network=tiny-random"], capsys)
-        assert_one_line_error(code, err, "minidiffit.fid", bad, "not a readable .npz")
+        assert_one_line_error(code, err, "minidiffit fid", bad, "not a readable .npz")
 

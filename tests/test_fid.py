@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 from scipy.spatial.distance import cdist
 
-from minidiffit import fid, inception
-from minidiffit.data import to_uint8
+from minidiffit import fid
+from minidiffit.base import inception
+from minidiffit.tools import evaluate
+from minidiffit.base.data import to_uint8
 
 
 def _random_stats(rng, d, n=None):
@@ -244,10 +246,10 @@ def test_cli_reference_and_evaluation_end_to_end(tmp_path, capsys):
     _write_pngs(tmp_path / "real" / "class0", real)  # ImageFolder layout for --data=folder
     _write_pngs(tmp_path / "fake", fake)
     ref = tmp_path / "ref.npz"
-    fid.main(["ref", "--data=folder", f"--data_dir={tmp_path / 'real'}", f"--out={ref}",
+    evaluate.main(["ref", "--data=folder", f"--data_dir={tmp_path / 'real'}", f"--out={ref}",
               "--network=tiny-random", "--save_features=true"])  # fmt: skip
     results = tmp_path / "results.txt"
-    got = fid.main([f"--samples={tmp_path / 'fake'}", f"--ref={ref}", "--network=tiny-random", "--num=20",
+    got = evaluate.main([f"--samples={tmp_path / 'fake'}", f"--ref={ref}", "--network=tiny-random", "--num=20",
                     f"--results={results}", "--tag=nfe=35"])  # fmt: skip
     out = capsys.readouterr().out
     net = fid.get_network("tiny-random")
@@ -262,7 +264,7 @@ def test_cli_reference_and_evaluation_end_to_end(tmp_path, capsys):
     for args, message in (([f"--ref={ref}", "--network=tiny-random", "--num=100"], "holds only 24"),
                           (["--sample_count=3"], "valid keys")):
         with pytest.raises(SystemExit) as e:
-            fid.main([f"--samples={tmp_path / 'fake'}"] + args)
+            evaluate.main([f"--samples={tmp_path / 'fake'}"] + args)
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -274,19 +276,19 @@ def test_edm_and_adm_reference_formats(tmp_path, capsys):
     mu, sigma = fid.feature_statistics(fid.features(images, net))
     np.savez(tmp_path / "edm.npz", mu=mu, sigma=sigma)  # EDM: mu, sigma only
     np.savez(tmp_path / "adm.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=mu[:3], sigma_s=sigma[:3, :3])  # ADM
-    edm = fid.load_reference(tmp_path / "edm.npz")
+    edm = evaluate.load_reference(tmp_path / "edm.npz")
     assert edm["images"] is None and np.array_equal(edm["mu"], mu)
-    assert np.array_equal(fid.load_reference(tmp_path / "adm.npz")["images"], images)
+    assert np.array_equal(evaluate.load_reference(tmp_path / "adm.npz")["images"], images)
     for ref in ("edm.npz", "adm.npz"):
-        d = fid.main([f"--samples={tmp_path / 'samples.npz'}", f"--ref={tmp_path / ref}", "--network=tiny-random"])
+        d = evaluate.main([f"--samples={tmp_path / 'samples.npz'}", f"--ref={tmp_path / ref}", "--network=tiny-random"])
         assert abs(d) < 1e-6  # the same images on both sides
     assert "precision 1.0000  recall 1.0000" in capsys.readouterr().out  # ADM's images give precision/recall
     np.savez(tmp_path / "bad.npz", means=mu)
     with pytest.raises(ValueError, match="expected `mu` and `sigma`"):
-        fid.load_reference(tmp_path / "bad.npz")
+        evaluate.load_reference(tmp_path / "bad.npz")
     np.savez(tmp_path / "wide.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     with pytest.raises(SystemExit) as e:
-        fid.main([f"--samples={tmp_path / 'samples.npz'}", f"--ref={tmp_path / 'wide.npz'}", "--network=tiny-random"])
+        evaluate.main([f"--samples={tmp_path / 'samples.npz'}", f"--ref={tmp_path / 'wide.npz'}", "--network=tiny-random"])
     assert e.value.code == 2 and "same --network" in capsys.readouterr().err
 
 
@@ -302,8 +304,8 @@ def test_grey_images_are_scored_as_rgb_and_statistics_files_compare_directly(tmp
     # the floor's form: statistics against statistics, no images on either side
     other = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
     a, b = fid.feature_statistics(rgb_feats), fid.feature_statistics(fid.features(other, net))
-    fid.save_reference(tmp_path / "a.npz", *a, num=12)
-    fid.save_reference(tmp_path / "b.npz", *b, num=12)
-    got = fid.main([f"--samples={tmp_path / 'a.npz'}", f"--ref={tmp_path / 'b.npz'}", "--network=tiny-random"])
+    evaluate.save_reference(tmp_path / "a.npz", *a, num=12)
+    evaluate.save_reference(tmp_path / "b.npz", *b, num=12)
+    got = evaluate.main([f"--samples={tmp_path / 'a.npz'}", f"--ref={tmp_path / 'b.npz'}", "--network=tiny-random"])
     assert got == pytest.approx(fid.frechet_distance(*a, *b), rel=1e-9) and got > 0
     assert "samples 12" in capsys.readouterr().out

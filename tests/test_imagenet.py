@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiffit.data import center_crop
-from minidiffit.imagenet import ImageFolder, LatentShardDataset, PrepareConfig, main, make_synthetic_imagefolder, prepare
-from minidiffit.vae import LatentVAE, tiny_autoencoder
+from minidiffit.base.data import center_crop
+from minidiffit.tools.imagenet import ImageFolder, LatentShardDataset, PrepareConfig, main, make_synthetic_imagefolder, prepare
+from minidiffit.tools.vae import LatentVAE, tiny_autoencoder
 
 
 
@@ -325,7 +325,7 @@ def test_latent_shard_dataset(folder, prepared):
 
 
 def test_latent_shard_dataset_errors(prepared, tmp_path):
-    with pytest.raises(FileNotFoundError, match="minidiffit.imagenet prepare"):
+    with pytest.raises(FileNotFoundError, match="minidiffit.tools.imagenet prepare"):
         LatentShardDataset(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
@@ -365,7 +365,7 @@ def test_command_line(folder, tmp_path, capsys):
 
 
 def test_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path):
-    from minidiffit.runtime import atomic_write
+    from minidiffit.base.runtime import atomic_write
 
     path = tmp_path / "manifest.json"
     path.write_text("old")

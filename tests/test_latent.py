@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidiffit.latent import (
-    GUIDANCE_PRESETS, LATENT_PRESETS, Guidance, LatentConfig, LatentDiffiT, check_state_dict, default_guidance,
-    config_from_state_dict, guidance_scale, load_released, save_safetensors,
-)
+from minidiffit.latent import (GUIDANCE_PRESETS, LATENT_PRESETS, Guidance, LatentConfig, LatentDiffiT, default_guidance,
+                               guidance_scale)
+from minidiffit.tools.released import check_state_dict, config_from_state_dict, load_released, save_safetensors
 from minidiffit.tmsa import timestep_embedding
 
 

@@ -9,15 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from minidiffit import fid, latent, latent_task
+from minidiffit import fid, latent
+from minidiffit.tools import evaluate, latent_task
 from minidiffit.adm import GaussianDiffusion
-from minidiffit.imagenet import PrepareConfig, make_synthetic_imagefolder, prepare, write_reference_batch
-from minidiffit.latent import LATENT_PRESETS, LatentDiffiT, save_safetensors
-from minidiffit.sample import SampleConfig, sample
-from minidiffit.runtime import load_checkpoint, save_checkpoint
-from minidiffit.tasks import build_from_checkpoint
-from minidiffit.train import ema_beta, train
-from minidiffit.vae import VAEConfig, load_vae
+from minidiffit.tools.imagenet import PrepareConfig, make_synthetic_imagefolder, prepare, write_reference_batch
+from minidiffit.latent import LATENT_PRESETS, LatentDiffiT
+from minidiffit.tools.released import save_safetensors
+from minidiffit.tools.sample import SampleConfig, sample
+from minidiffit.base.runtime import load_checkpoint, save_checkpoint
+from minidiffit.tools.tasks import build_from_checkpoint
+from minidiffit.tools.tasks import train
+from minidiffit.train import ema_beta
+from minidiffit.tools.vae import VAEConfig, load_vae
 
 QUIET = dict(log=lambda *a: None)
 
@@ -36,7 +39,7 @@ def data(tmp_path_factory):
 
 
 def run_config(data, out, **kw):
-    """The latent task's defaults (as `python -m minidiffit.train --task=latent`), shrunk to the tiny preset."""
+    """The latent task's defaults (as `python -m minidiffit train --task=latent`), shrunk to the tiny preset."""
     cfg = latent_task.Config()
     # a short EMA half-life: at batch 4 the recipe's 0.9999-at-256 would leave the EMA at its initial weights
     small = dict(preset="tiny", data_dir=str(data / "latents"), out=str(out), batch=4, lr=1e-3, ckpt_every=2,
@@ -118,7 +121,7 @@ def test_sample_npz_in_adms_layout_then_evaluate(data, run, tmp_path):
 
     ref = write_reference_batch(data / "images", tmp_path / "ref.npz", image_size=64)
     results = tmp_path / "results.txt"
-    value = fid.evaluate(fid.EvalConfig(samples=str(npz), ref=str(ref), network="tiny-random", results=str(results),
+    value = evaluate.evaluate(evaluate.EvalConfig(samples=str(npz), ref=str(ref), network="tiny-random", results=str(results),
                                         device="cpu"))
     assert math.isfinite(value) and value > 0
     line = results.read_text()
@@ -230,7 +233,7 @@ def test_an_exported_file_samples_as_its_run(run, tmp_path, monkeypatch):
 def test_clear_errors(data, tmp_path):
     with pytest.raises(ValueError, match="--image_size=256"):  # 8x8 latents for a 32x32-latent preset
         latent_task.load_data(run_config(data, tmp_path, preset="S/2"))
-    with pytest.raises(ValueError, match="minidiffit.imagenet prepare"):
+    with pytest.raises(ValueError, match="minidiffit.tools.imagenet prepare"):
         latent_task.load_data(run_config(data, tmp_path, data_dir=None))
     with pytest.raises(ValueError, match="unknown for task 'latent'"):
         run_config(data, tmp_path, preset="cifar10")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from minidiffit.config import parse_overrides
+from minidiffit.base.config import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -108,26 +108,42 @@ def test_parse_overrides_errors(args, message):
 # The package's shape: dependencies one way, modules one idea each
 
 
+LAYERS = {"base": 0, "core": 1, "tools": 2}  # base <- core <- tools: each imports only from its own layer or below
+
+
+def _layer(name):  # "base.runtime" -> "base", "tools.sample" -> "tools", "unet" -> "core"
+    return name.split(".")[0] if "." in name else "core"
+
+
 def _package_imports():
-    """{module: set of package modules it imports} from the sources' relative imports (ast, nothing run)."""
+    """{module: set of package modules it imports}, modules named from the package root ("unet", "base.runtime",
+    "tools.sample"), from the sources' relative imports (ast, nothing run)."""
     import ast
 
+    package = ROOT / "minidiffit"
     graph = {}
-    for path in sorted((ROOT / "minidiffit").glob("*.py")):
+    for path in sorted(package.rglob("*.py")):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        here = path.relative_to(package).with_suffix("").parts  # ("tools", "sample")
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps |= {node.module} if node.module else {a.name for a in node.names}
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                anchor = list(here[:len(here) - node.level])  # the package the dots point at
+                if node.module:
+                    deps.add(".".join(anchor + node.module.split(".")))
+                else:
+                    deps |= {".".join(anchor + [a.name]) for a in node.names}
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(n.startswith("minidiffit") for n in names), f"{path.name}: use relative imports inside the package"
-        graph[path.stem] = deps
+        graph[".".join(here)] = deps
     return graph
 
 
-def test_import_graph_has_no_cycle_and_the_loop_is_imported_by_nothing():
+def test_import_graph_has_no_cycle_and_points_one_way():
     graph = _package_imports()
-    assert "train" in graph and "edm_task" in graph["tasks"]  # the scan sees the imports
+    assert "train" in graph and "tools.edm_task" in graph["tools.tasks"]  # the scan sees the imports
     state = {}
 
     def visit(node, path):
@@ -141,11 +157,15 @@ def test_import_graph_has_no_cycle_and_the_loop_is_imported_by_nothing():
     for module in graph:
         if module not in state:
             visit(module, [module])
-    assert not [m for m, deps in graph.items() if "train" in deps], "only entry points import the training loop"
+    for module, deps in graph.items():
+        for dep in deps:
+            assert LAYERS[_layer(dep)] <= LAYERS[_layer(module)], (
+                f"{module} imports {dep}: base <- core <- tools, so the core never imports tools and base imports neither")
+    assert not [m for m, deps in graph.items() if "train" in deps and _layer(m) != "tools"], "only tools import the training loop"
 
 
 def test_modules_stay_under_400_lines():
-    for path in (ROOT / "minidiffit").glob("*.py"):
+    for path in (ROOT / "minidiffit").rglob("*.py"):
         n = len(path.read_text().splitlines())
         assert n <= 400, f"{path.name} has {n} lines: split it (STYLE.md: one idea per module, ~400 lines)"
 
@@ -164,10 +184,11 @@ def test_license_and_the_readme_deviation_grep_lists_every_marked_choice():
     command = re.search(r"^\s*(grep [^\n]*Deviation[^\n]*)$", readme, re.M)
     assert command, "README shows the grep that lists every # Choice / # Deviation"
     listed = subprocess.run(command.group(1), shell=True, cwd=ROOT, capture_output=True, text=True).stdout
-    for path in (ROOT / "minidiffit").glob("*.py"):
+    for path in (ROOT / "minidiffit").rglob("*.py"):
+        name = path.relative_to(ROOT).as_posix()
         for i, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"#\s*(Choice|Deviation)\b", line):
-                assert f"{path.name}:{i}:" in listed, f"README's grep misses minidiffit/{path.name}:{i}: {line.strip()}"
+                assert f"{name}:{i}:" in listed, f"README's grep misses {name}:{i}: {line.strip()}"
 
 
 FASHION = os.environ.get("MINIDIFFIT_FASHION_MNIST") or str(ROOT.parent / "shared/data/fashion_mnist")

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from conftest import random_tiny_checkpoint
-from minidiffit.runtime import seeded_noise
-from minidiffit.sample import SampleConfig, generate_images, main, sample
-from minidiffit.tasks import build_from_checkpoint
+from minidiffit.base.runtime import seeded_noise
+from minidiffit.tools.sample import SampleConfig, generate_images, main, sample
+from minidiffit.tools.tasks import build_from_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 def test_sampler_option(ckpt, tmp_path, capsys):
     # --sampler picks the task's sampler: the npz equals the task's generate with it; an unknown name is one line.
-    from minidiffit import edm_task
+    from minidiffit.tools import edm_task
 
     model, cfg, _ = build_from_checkpoint(ckpt)
     sample(SampleConfig(ckpt=str(ckpt), num_samples=2, out=str(tmp_path / "d.npz"), steps=3, sampler="dpm++2m"),

@@ -12,11 +12,11 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidiffit import edm_task, tasks
+from minidiffit.tools import edm_task, latent_task, tasks
 from minidiffit import train as T
-from minidiffit.data import synthetic_dataset
+from minidiffit.base.data import synthetic_dataset
 from minidiffit.diffusion import EDMPrecond
-from minidiffit.runtime import load_checkpoint, save_checkpoint, seeded_noise
+from minidiffit.base.runtime import load_checkpoint, save_checkpoint, seeded_noise
 from minidiffit.train import DataOrder, ema_beta, ema_update, learning_rate
 
 
@@ -60,10 +60,10 @@ def quiet(*args, **kwargs):
 
 
 def test_four_steps_equal_two_plus_resume_plus_two(tmp_path):
-    T.train(tiny_cfg(tmp_path / "a", iters=4), log=quiet)
-    T.train(tiny_cfg(tmp_path / "b", iters=2), log=quiet)
+    tasks.train(tiny_cfg(tmp_path / "a", iters=4), log=quiet)
+    tasks.train(tiny_cfg(tmp_path / "b", iters=2), log=quiet)
     mid = load_checkpoint(tmp_path / "b" / "ckpt.pt")
-    T.train(tiny_cfg(tmp_path / "b", iters=4), log=quiet)  # resumes at step 2
+    tasks.train(tiny_cfg(tmp_path / "b", iters=4), log=quiet)  # resumes at step 2
     a, b = load_checkpoint(tmp_path / "a" / "ckpt.pt"), load_checkpoint(tmp_path / "b" / "ckpt.pt")
     assert a["step"] == b["step"] == 4 and mid["step"] == 2
     for key in ("model", "ema"):
@@ -78,11 +78,11 @@ def test_four_steps_equal_two_plus_resume_plus_two(tmp_path):
 
 def test_ema_in_the_loop_follows_the_formula(tmp_path):
     cfg = toy_cfg(tmp_path, iters=1)
-    T.train(cfg, log=quiet)
+    tasks.train(cfg, log=quiet)
     one = load_checkpoint(tmp_path / "ckpt.pt")
     for name in one["model"]:  # step 0: half-life min(500k, 0 * 0.05) = 0 -> beta 0 -> EMA = weights
         assert torch.equal(one["ema"][name], one["model"][name])
-    T.train(dataclasses.replace(cfg, iters=2), log=quiet)
+    tasks.train(dataclasses.replace(cfg, iters=2), log=quiet)
     two = load_checkpoint(tmp_path / "ckpt.pt")
     beta = 0.5 ** (8 / (8 * 0.05))  # step 1: 8 images seen, half-life 0.4 images
     changed = 0
@@ -140,39 +140,39 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
 
 
 def test_mismatched_checkpoint_is_refused_clearly(tmp_path):
-    T.train(toy_cfg(tmp_path, iters=1), log=quiet)
+    tasks.train(toy_cfg(tmp_path, iters=1), log=quiet)
     with pytest.raises(ValueError, match=r"different run \(lr: checkpoint 0.001 vs now 0.002\).*--out="):
-        T.train(toy_cfg(tmp_path, iters=2, lr=2e-3), log=quiet)
+        tasks.train(toy_cfg(tmp_path, iters=2, lr=2e-3), log=quiet)
     with pytest.raises(ValueError, match="different run.*preset: checkpoint 'tiny' vs now 'small'"):
-        T.train(toy_cfg(tmp_path, iters=2, preset="small"), log=quiet)
-    T.train(toy_cfg(tmp_path, iters=1, ckpt_every=7, minutes=5), log=quiet)  # run-length settings may change
+        tasks.train(toy_cfg(tmp_path, iters=2, preset="small"), log=quiet)
+    tasks.train(toy_cfg(tmp_path, iters=1, ckpt_every=7, minutes=5), log=quiet)  # run-length settings may change
 
 
 def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default(tmp_path):
     # A checkpoint written before a setting existed (here: edm_task's ablation keys) was made with its default.
-    T.train(tiny_cfg(tmp_path, iters=1), log=quiet)
+    tasks.train(tiny_cfg(tmp_path, iters=1), log=quiet)
     ckpt = load_checkpoint(tmp_path / "ckpt.pt")
     for key in ("arch", "time_mode", "window_size"):
         del ckpt["config"][key]
     save_checkpoint(ckpt, tmp_path / "ckpt.pt")
-    assert T.train(tiny_cfg(tmp_path, iters=2), log=quiet) == 2
+    assert tasks.train(tiny_cfg(tmp_path, iters=2), log=quiet) == 2
     with pytest.raises(ValueError, match="different run.*time_mode: checkpoint None vs now 'mlp'"):
-        T.train(tiny_cfg(tmp_path, iters=3, time_mode="mlp"), log=quiet)
+        tasks.train(tiny_cfg(tmp_path, iters=3, time_mode="mlp"), log=quiet)
 
 
 def test_time_budget_stops_with_a_checkpoint_and_rerun_is_a_no_op(tmp_path):
     lines = []
-    T.train(toy_cfg(tmp_path, iters=1000, minutes=1e-6), log=lines.append)  # budget exhausted after 1 step
+    tasks.train(toy_cfg(tmp_path, iters=1000, minutes=1e-6), log=lines.append)  # budget exhausted after 1 step
     ckpt = load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 1 and ckpt["elapsed_s"] > 0
     lines.clear()
-    assert T.train(toy_cfg(tmp_path, iters=1000, minutes=1e-6), log=lines.append) == 1
+    assert tasks.train(toy_cfg(tmp_path, iters=1000, minutes=1e-6), log=lines.append) == 1
     assert "already done" in lines[-1]
 
 
 def test_cli_rejects_unknown_keys(capsys):
     with pytest.raises(SystemExit) as e:
-        T.main(["--preset=tiny", "--lerning_rate=1"])
+        tasks.main(["--preset=tiny", "--lerning_rate=1"])
     assert e.value.code == 2
     assert "unknown config key 'lerning_rate'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown task 'gan'"):
@@ -183,7 +183,7 @@ def _ddp_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        T.train(toy_cfg(out, iters=3, warmup_kimg=0.008), log=quiet)
+        tasks.train(toy_cfg(out, iters=3, warmup_kimg=0.008), log=quiet)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -194,7 +194,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
     # one process accumulating the same two micro-batches of 4 = two ranks with 4 each
-    T.train(toy_cfg(tmp_path / "one", iters=3, warmup_kimg=0.008, accum=2), log=quiet)
+    tasks.train(toy_cfg(tmp_path / "one", iters=3, warmup_kimg=0.008, accum=2), log=quiet)
     a, b = load_checkpoint(tmp_path / "ddp" / "ckpt.pt"), load_checkpoint(tmp_path / "one" / "ckpt.pt")
     for name, w in a["model"].items():
         torch.testing.assert_close(w, b["model"][name], rtol=1e-5, atol=1e-6)
@@ -208,7 +208,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
 
 def _latent_cfg(latents, out, **kw):
-    from minidiffit import latent_task
+    from minidiffit.tools import latent_task
 
     return latent_task.Config(preset="tiny", data_dir=str(latents), out=str(out), batch=8, iters=3, lr=1e-3,
                               ckpt_every=1000, log_every=1000, grid=0, compile=False, ema_halflife_kimg=0.01, **kw)
@@ -218,13 +218,13 @@ def _latent_ddp_worker(rank, world, port, latents, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        T.train(_latent_cfg(latents, out), log=quiet)
+        tasks.train(_latent_cfg(latents, out), log=quiet)
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_latent_task_two_processes_match_one_process_accumulating(tmp_path):
-    from minidiffit.imagenet import PrepareConfig, make_synthetic_imagefolder, prepare
+    from minidiffit.tools.imagenet import PrepareConfig, make_synthetic_imagefolder, prepare
 
     make_synthetic_imagefolder(tmp_path / "images", num_classes=4, per_class=3, size=64)
     prepare(PrepareConfig(data_dir=str(tmp_path / "images"), out=str(tmp_path / "latents"), image_size=64, vae="tiny",
@@ -233,7 +233,7 @@ def test_latent_task_two_processes_match_one_process_accumulating(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_latent_ddp_worker, args=(2, port, str(tmp_path / "latents"), str(tmp_path / "ddp")), nprocs=2, join=True)
-    T.train(_latent_cfg(tmp_path / "latents", tmp_path / "one", accum=2), log=quiet)
+    tasks.train(_latent_cfg(tmp_path / "latents", tmp_path / "one", accum=2), log=quiet)
     a, b = load_checkpoint(tmp_path / "ddp" / "ckpt.pt"), load_checkpoint(tmp_path / "one" / "ckpt.pt")
     for name, w in a["model"].items():
         torch.testing.assert_close(w, b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
@@ -241,7 +241,7 @@ def test_latent_task_two_processes_match_one_process_accumulating(tmp_path):
     assert a["model"]["final_layer.linear.weight"].abs().max() > 0  # the zero-initialised head has moved
 
     # the same step reads the same flips: a batch drawn twice under the loop's reseed is identical
-    run = T.setup(_latent_cfg(tmp_path / "latents", tmp_path / "probe"), log=quiet)
+    run = T.setup(latent_task, _latent_cfg(tmp_path / "latents", tmp_path / "probe"), log=quiet)
     draws = []
     for _ in range(2):
         torch.manual_seed(T.derive_seed(0, 2, 5, 0))
@@ -259,8 +259,8 @@ def test_resume_on_other_data_is_refused_naming_the_difference(tmp_path):
             (tmp_path / folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (32, 32), (10 * i, 50, 90)).save(tmp_path / folder / f"c{i % 2}" / f"{i}.png")
     cfg = tiny_cfg(tmp_path / "run", data="folder", data_dir=str(tmp_path / "a"), iters=1, augment_p=0)
-    T.train(cfg, log=quiet)
+    tasks.train(cfg, log=quiet)
     with pytest.raises(ValueError, match=r"other data \(6 items then, 9 now\).*--out="):
-        T.train(dataclasses.replace(cfg, iters=2, data_dir=str(tmp_path / "b")), log=quiet)
+        tasks.train(dataclasses.replace(cfg, iters=2, data_dir=str(tmp_path / "b")), log=quiet)
     (tmp_path / "a" / "c0" / "0.png").rename(tmp_path / "a" / "c0" / "0_moved.png")  # same pixels, same data
-    assert T.train(dataclasses.replace(cfg, iters=2), log=quiet) == 2
+    assert tasks.train(dataclasses.replace(cfg, iters=2), log=quiet) == 2

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("diffusers", reason="the VAE needs the latent extra: pip install minidiffit[latent]")
 
-from minidiffit.vae import SD_VAE_SCALE, VAEConfig, load_vae, vae_shape  # noqa: E402
+from minidiffit.tools.vae import SD_VAE_SCALE, VAEConfig, load_vae, vae_shape  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_vae_tells_its_channels_and_downsampling(vae):
 
 def test_autoencoder_checkpoint_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIDIFFIT_VAE", str(tmp_path))  # replaces Hugging Face ids, never a .pt path
-    with pytest.raises(FileNotFoundError, match="no autoencoder checkpoint.*python -m minidiffit.autoencoder"):
+    with pytest.raises(FileNotFoundError, match="no autoencoder checkpoint.*python -m minidiffit autoencoder"):
         load_vae(VAEConfig(source=str(tmp_path / "ckpt.pt")))
     torch.save({"model": {}, "config": {"task": "edm"}, "step": 1}, tmp_path / "edm.pt")  # a diffusion run's
     with pytest.raises(ValueError, match="not an autoencoder checkpoint"):

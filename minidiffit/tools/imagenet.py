@@ -4,9 +4,9 @@ DiffiT's ImageNet-256/512 results (DiffiT Sec. 4, App. I.2) train a latent model
 latents, as DiT does. `prepare` encodes every image once (both horizontal flips) so training never runs
 the VAE; `LatentShardDataset` serves those latents to the training loop. The laptop tier (DESIGN.md 2b): the
 same on Fashion-MNIST with our autoencoder.py. Introduced in notebooks/09_imagenet256.ipynb. Command line:
-    python -m minidiffit.imagenet prepare --data_dir=IMAGENET/train --out=LATENTS [--vae=...] [--key=value]
-    python -m minidiffit.imagenet prepare --data=fashion_mnist --data_dir=ROOT --vae=runs/fashion/ae/ckpt.pt --out=LATENTS
-    python -m minidiffit.imagenet synthetic --out=DIR   (a tiny class-folder set for FAST runs and tests)
+    python -m minidiffit imagenet prepare --data_dir=IMAGENET/train --out=LATENTS [--vae=...] [--key=value]
+    python -m minidiffit imagenet prepare --data=fashion_mnist --data_dir=ROOT --vae=runs/fashion/ae/ckpt.pt --out=LATENTS
+    python -m minidiffit imagenet synthetic --out=DIR   (a tiny class-folder set for FAST runs and tests)
 """
 
 import functools
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import check, run_command
-from .data import list_image_folder, load_dataset, read_image, to_float
-from .runtime import atomic_write, barrier, fingerprint, init_process, write_json
+from ..base.config import check, run_command
+from ..base.data import list_image_folder, load_dataset, read_image, to_float
+from ..base.runtime import atomic_write, barrier, fingerprint, init_process, write_json
 from .vae import VAEConfig, load_vae, vae_shape
 
 MANIFEST = "manifest.json"
@@ -157,7 +157,7 @@ def read_manifest(out):
     path = Path(out) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {str(out)!r}: make the latents first with "
-                                f"`python -m minidiffit.imagenet prepare --data_dir=IMAGENET/train --out={out}`")
+                                f"`python -m minidiffit imagenet prepare --data_dir=IMAGENET/train --out={out}`")
     try:
         manifest = json.loads(path.read_text())
         shards = manifest["shards"]
@@ -170,7 +170,7 @@ def read_manifest(out):
             raise ValueError("num_classes differs from the class list")
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is corrupt or from another version ({error!r}); delete the folder and run "
-                         "`python -m minidiffit.imagenet prepare` again") from None
+                         "`python -m minidiffit imagenet prepare` again") from None
     return manifest
 
 
@@ -281,7 +281,7 @@ class LatentShardDataset(torch.utils.data.Dataset):
         self.root, self.random_flip = Path(root), random_flip
         self.manifest = read_manifest(self.root)
         if not self.manifest["complete"]:
-            raise ValueError(f"{self.root} is only partly encoded; rerun the same `python -m minidiffit.imagenet "
+            raise ValueError(f"{self.root} is only partly encoded; rerun the same `python -m minidiffit imagenet "
                              "prepare` command to finish it")
         missing = [s["file"] for s in self.manifest["shards"] if not (self.root / s["file"]).is_file()]
         if missing:
@@ -391,7 +391,7 @@ def run_synthetic(c):
 
 def main(argv=None):
     reference = lambda c: print(f"wrote {write_reference_batch(c.data_dir, c.out, c.image_size, c.num)}")  # noqa: E731
-    run_command("minidiffit.imagenet", __doc__, {"prepare": (lambda a: PrepareConfig(), run_prepare),
+    run_command("minidiffit imagenet", __doc__, {"prepare": (lambda a: PrepareConfig(), run_prepare),
                                                  "synthetic": (lambda a: SyntheticConfig(), run_synthetic),
                                                  "reference": (lambda a: ReferenceConfig(), reference)}, argv)
 

@@ -1,4 +1,9 @@
-"""The training tasks by name, and a trained model back from its checkpoint.
+"""`python -m minidiffit train`: the training tasks by name, and a trained model back from its checkpoint.
+
+    python -m minidiffit train --preset=small --data=cifar10 --out=runs/x [--key=value ...]
+    python -m minidiffit train --task=latent --help
+    torchrun --nproc_per_node=8 -m minidiffit train --preset=cifar10 --data=cifar10 --out=runs/cifar10
+
 
 A task is a module (edm_task.py, latent_task.py) with a `Config` dataclass (its settings and defaults) and
 build_model, loss, generate, load_data (and, for class-conditional tasks, labels). train.py and sample.py
@@ -6,8 +11,10 @@ look tasks up here; the tasks themselves import only small helpers (runtime.py, 
 Introduced in notebooks/05_train_cifar10.ipynb.
 """
 
+from .. import train as loop
+from ..base.config import parse_overrides, run_command
 from . import edm_task, latent_task
-from .runtime import dataclass_from_dict, load_checkpoint
+from ..base.runtime import dataclass_from_dict, load_checkpoint
 
 TASKS = {
     "edm": edm_task,  # image-space DiffiT, EDM (CIFAR-10, FFHQ-64, Fashion-MNIST)
@@ -45,3 +52,23 @@ def build_from_checkpoint(path, use_ema=True, device="cpu"):
     return model.to(device).eval().requires_grad_(False), cfg, ckpt
 
 
+
+
+def train(cfg, log=None):
+    """Train (or resume) the run that `cfg` (a task's Config) describes: minidiffit/train.py's loop."""
+    return loop.train(get_task(cfg.task), cfg, log)
+
+
+def config_from_args(argv):
+    """The task's Config from `--key=value` arguments: the task (--task=, default edm) gives the defaults."""
+    return parse_overrides(task_config(argv), argv)
+
+
+def main(argv=None):
+    run_command("minidiffit train", loop.__doc__ + __doc__, {"": (task_config, train),
+                # `check`: validate the settings and exit (reproduce.sh, before any stage)
+                "check": (task_config, lambda cfg: print(f"settings ok ({cfg.task})"))}, argv)
+
+
+if __name__ == "__main__":
+    main()

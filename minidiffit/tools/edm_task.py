@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import RunConfig, check
-from .data import DATASETS, load_dataset
-from .diffusion import EDMPrecond, augment, dpm_solver_sample, edm_loss, euler_sample, heun_sample
-from .runtime import seeded_noise
-from .unet import UNET_PRESETS, DiffiTUNet
+from ..base.config import RunConfig, check
+from ..base.data import DATASETS, load_dataset
+from ..diffusion import EDMPrecond, augment, dpm_solver_sample, edm_loss, euler_sample, heun_sample
+from ..base.runtime import seeded_noise
+from ..unet import UNET_PRESETS, DiffiTUNet
 
 
 @dataclass

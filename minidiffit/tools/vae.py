@@ -21,7 +21,7 @@ SD_VAE_SCALE = 0.18215  # LDM's scale factor: 1 / std of the SD VAE's latents on
 @dataclass
 class VAEConfig:
     # Hugging Face id, a local diffusers directory, "tiny" (random, no download), or a path ending in .pt:
-    # the ckpt.pt of our own autoencoder (`python -m minidiffit.autoencoder`)
+    # the ckpt.pt of our own autoencoder (`python -m minidiffit autoencoder`)
     source: str = "stabilityai/sd-vae-ft-ema"
     # latents are multiplied by this after encoding, divided before decoding. None: the source's own
     # (0.18215 for SD's VAEs, the measured one stored in an autoencoder ckpt.pt, which a value must match)
@@ -108,7 +108,7 @@ def load_vae(cfg: VAEConfig = VAEConfig(), device="cpu"):
     replace a .pt path.
     """
     if is_autoencoder_checkpoint(cfg.source):
-        from .autoencoder import AutoencoderVAE, load_autoencoder
+        from ..autoencoder import AutoencoderVAE, load_autoencoder
 
         if not os.path.isfile(cfg.source):
             raise FileNotFoundError(f"no autoencoder checkpoint at {cfg.source!r}; train one with `python -m "

@@ -1,8 +1,8 @@
 """Sample a trained run: N images from the EMA weights, image i from seed i (EDM's convention).
 
-    python -m minidiffit.sample --ckpt=runs/x/ckpt.pt --num_samples=50000 --out=runs/x/samples --steps=18
-    torchrun --nproc_per_node=8 -m minidiffit.sample --ckpt=... --num_samples=50000 --out=samples.npz
-    torchrun --nproc_per_node=8 -m minidiffit.sample --weights=diffit_256.safetensors --steps=250 --out=samples.npz
+    python -m minidiffit sample --ckpt=runs/x/ckpt.pt --num_samples=50000 --out=runs/x/samples --steps=18
+    torchrun --nproc_per_node=8 -m minidiffit sample --ckpt=... --num_samples=50000 --out=samples.npz
+    torchrun --nproc_per_node=8 -m minidiffit sample --weights=diffit_256.safetensors --steps=250 --out=samples.npz
 
 --out is a directory (PNGs 00000.png ..., resumable: existing files are skipped; its `source.json` binds it
 to the checkpoint and settings that made it, so another model cannot continue it), a .npz (`arr_0` uint8
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import check, run_command
-from .data import save_grid, save_png, to_float, to_uint8
-from .runtime import atomic_write, barrier, init_process, write_json
+from ..base.config import check, run_command
+from ..base.data import save_grid, save_png, to_float, to_uint8
+from ..base.runtime import atomic_write, barrier, init_process, write_json
 from .tasks import build_from_checkpoint, get_task
 
 
@@ -84,7 +84,7 @@ def _bind_folder(out, source):
         except ValueError:  # not JSON (UnicodeDecodeError is a ValueError too)
             old = None
         if not isinstance(old, dict):
-            raise ValueError(f"{path} is not a source record of minidiffit.sample (corrupt, or another tool's); "
+            raise ValueError(f"{path} is not a source record of minidiffit.tools.sample (corrupt, or another tool's); "
                              f"delete the folder {out} to start again, or pass another --out")
         if old != source:
             diff = ", ".join(f"{k}: {old.get(k)!r} there vs {source.get(k)!r} now" for k in source if old.get(k) != source[k])
@@ -177,7 +177,7 @@ def _write_npz(out, chunks, rank, world, num, task, model, cfg):
 
 
 def main(argv=None):
-    run_command("minidiffit.sample", __doc__, {"": (lambda a: SampleConfig(), sample)}, argv)
+    run_command("minidiffit sample", __doc__, {"": (lambda a: SampleConfig(), sample)}, argv)
 
 
 if __name__ == "__main__":

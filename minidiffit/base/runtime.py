@@ -136,7 +136,7 @@ def load_checkpoint(path, what="checkpoint"):
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, not a {what} file (a run directory holds its checkpoint as the file ckpt.pt)")
     if not path.is_file():
-        raise FileNotFoundError(f"no {what} at {path}; train one with `python -m minidiffit.train --out=<dir>` (it writes <dir>/ckpt.pt)")
+        raise FileNotFoundError(f"no {what} at {path}; train one with `python -m minidiffit train --out=<dir>` (it writes <dir>/ckpt.pt)")
     if path.stat().st_size == 0:
         raise ValueError(f"{what} {path} is empty (0 bytes); delete it (a run resumes from its last good checkpoint only if one exists)")
     try:
@@ -148,7 +148,7 @@ def load_checkpoint(path, what="checkpoint"):
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
         keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not a minidiffit training checkpoint (it holds {keys}); pass a ckpt.pt written by "
-                         f"`python -m minidiffit.train` (released weights: sample.py --weights=FILE)")
+                         f"`python -m minidiffit train` (released weights: sample.py --weights=FILE)")
     return ckpt
 
 

@@ -13,8 +13,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .latent import LATENT_PRESETS, LatentConfig
-from .unet import UNET_PRESETS, UNetConfig, count_parameters
+from minidiffit.latent import LATENT_PRESETS, LatentConfig
+from minidiffit.unet import UNET_PRESETS, UNetConfig, count_parameters
 
 
 def _diffusers():

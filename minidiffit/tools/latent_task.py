@@ -4,7 +4,7 @@ Plugs `latent.LatentDiffiT`, `adm.GaussianDiffusion` and the VAE (`vae.py`) into
 the task "latent" (DiffiT Sec. 4, App. I.2; DiT's recipe where the paper is silent): a Config and
 build_model, loss, generate, load_data, labels, as edm_task.py. It also gives sample.py the released checkpoints (`--weights=diffit_256.safetensors`) and ADM's npz layout
 (`arr_1` labels). Introduced in notebooks/09_imagenet256.ipynb. Command line:
-    python -m minidiffit.latent_task export --ckpt=runs/x/ckpt.pt --out=model.safetensors
+    python -m minidiffit export --ckpt=runs/x/ckpt.pt --out=model.safetensors
 """
 
 import dataclasses
@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adm import GaussianDiffusion
-from .config import RunConfig, check, run_command
+from ..adm import GaussianDiffusion
+from ..base.config import RunConfig, check, run_command
 from .imagenet import MANIFEST, LatentShardDataset, read_manifest
-from .latent import LATENT_PRESETS, Guidance, LatentDiffiT, default_guidance, load_released, read_metadata, save_safetensors
-from .runtime import dataclass_from_dict, image_generators, load_checkpoint, seeded_noise
+from ..latent import LATENT_PRESETS, Guidance, LatentDiffiT, default_guidance
+from .released import load_released, read_metadata, save_safetensors
+from ..base.runtime import dataclass_from_dict, image_generators, load_checkpoint, seeded_noise
 from .vae import SD_VAE_SCALE, VAEConfig, load_vae
 
 DIFFUSION = GaussianDiffusion()  # the 1000-step training diffusion (linear betas; DESIGN.md Sec. 4)
@@ -180,9 +181,9 @@ def generate(model, seeds, cfg, num_steps=250, guidance=None, channels=3, vae=No
 
 
 def load_data(cfg):
-    """The latents `python -m minidiffit.imagenet prepare` wrote in cfg.data_dir, checked against the preset."""
+    """The latents `python -m minidiffit imagenet prepare` wrote in cfg.data_dir, checked against the preset."""
     if not cfg.data_dir:
-        raise ValueError("the latent task trains on stored VAE latents: make them with `python -m minidiffit.imagenet "
+        raise ValueError("the latent task trains on stored VAE latents: make them with `python -m minidiffit imagenet "
                          "prepare --data_dir=IMAGENET/train --out=LATENTS`, then pass --data_dir=LATENTS")
     lcfg = LATENT_PRESETS[cfg.preset]
     data = LatentShardDataset(cfg.data_dir)
@@ -247,7 +248,7 @@ class ExportConfig:
 
 
 def main(argv=None):
-    run_command("minidiffit.latent_task", __doc__,
+    run_command("minidiffit", __doc__,
                 {"export": (lambda a: ExportConfig(), lambda c: print(f"wrote {export(c.ckpt, c.out, c.ema)}"))}, argv)
 
 

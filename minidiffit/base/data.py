@@ -3,7 +3,7 @@
 Every dataset yields `(image, label)` with the image a float CHW tensor in [-1, 1] (EDM's data range,
 EDM Sec. 5 / App. F.1), and keeps the whole set in memory as one uint8 (N, C, H, W) tensor, `.images`,
 because CIFAR-10 is only 150 MB and the training loop then gathers a batch with one indexing op.
-`load_dataset(name, root)` is the one entry point; `python -m minidiffit.train --data=... --data_dir=...`
+`load_dataset(name, root)` is the one entry point; `python -m minidiffit train --data=... --data_dir=...`
 calls it. The image-folder reader here (listing, decoding, cropping) is also the one ImageNet's latents
 are made with (imagenet.py). Introduced in notebooks/05_train_cifar10.ipynb.
 """

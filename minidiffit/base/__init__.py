@@ -1,0 +1,1 @@
+"""What the core stands on: the command-line shell, run files and checkpoints, seeds and DDP, datasets, the FID network."""
