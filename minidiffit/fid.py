@@ -1,8 +1,9 @@
-"""FID, precision and recall: Inception features -> Gaussian statistics -> Frechet distance.
+"""FID, KID, precision and recall: Inception features -> Gaussian statistics -> Frechet distance.
 
 FID (Heusel et al. 2017) = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussians fitted to the
 pool features of two image sets (DiffiT Sec. 5 reports it on 50k samples, as EDM and ADM do). Split as EDM
 splits it: statistics (float64, streamed in batches) and distance (scipy's sqrtm, pytorch-fid's guards).
+KID (Binkowski et al. 2018) is an unbiased kernel distance on the same features, with a spread over subsets.
 Precision/recall are Kynkaanniemi et al. 2019 (k = 3), as ADM's evaluator reports them. The network is in
 inception.py. Introduced in notebooks/06_fid.ipynb; files and the command line
 (`python -m minidiffit fid --help`) are in tools/evaluate.py.
@@ -19,7 +20,7 @@ from .base.data import to_uint8
 from .base.inception import InceptionV3FID, TinyFeatureNet, load_inception, preprocess
 
 __all__ = ["InceptionV3FID", "load_inception", "get_network", "features", "FeatureStats", "feature_statistics",
-           "frechet_distance", "precision_recall"]
+           "frechet_distance", "kernel_inception_distance", "precision_recall"]
 
 # ----------------------------------------------------------------------------
 # Features. Quantisation: FID is defined on images as saved (uint8). A model's float output must be rounded
@@ -155,6 +156,38 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
+
+
+# ----------------------------------------------------------------------------
+# KID (Binkowski et al. 2018, "Demystifying MMD GANs", Sec. 4): the squared maximum mean discrepancy between the
+# two feature sets under the cubic polynomial kernel k(x, y) = (x . y / D + 1)^3, estimated without bias (the
+# diagonal of the within-set sums left out), so it is about zero for two samples of one distribution at any N;
+# FID's estimate is biased upwards at small N. As StyleGAN2-ADA, clean-fid and torch-fidelity compute it: the
+# mean over random subsets of m points per set, and their standard deviation, which says how far the number moves.
+
+
+def kid_subset(x, y):
+    """Unbiased MMD^2 of feature sets x, y (both (m, D), float64 numpy) under the cubic polynomial kernel."""
+    m, d = len(x), x.shape[1]
+    k_xx, k_yy, k_xy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3  # (m, m) each
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2 * k_xy.sum() / (m * m))
+
+
+def kernel_inception_distance(real_feats, fake_feats, num_subsets=100, subset_size=1000, seed=0):
+    """(mean, std) of KID over `num_subsets` random subsets of m points drawn from each set without replacement.
+
+    m = min(subset_size, half the smaller set)."""
+    real, fake = np.asarray(real_feats, dtype=np.float64), np.asarray(fake_feats, dtype=np.float64)
+    # Choice: at most half of the smaller set per subset, so the subsets differ and their spread means something
+    # (clean-fid and torch-fidelity take 1000, which at our N = 500 would be one subset, the whole set, 100 times).
+    m = min(subset_size, min(len(real), len(fake)) // 2)
+    if m < 2:
+        raise ValueError(f"KID needs at least 4 points per set, got {len(real)} and {len(fake)}")
+    rng = np.random.default_rng(seed)
+    values = [kid_subset(real[rng.choice(len(real), m, replace=False)], fake[rng.choice(len(fake), m, replace=False)])
+              for _ in range(num_subsets)]
+    return float(np.mean(values)), float(np.std(values))
 
 # ----------------------------------------------------------------------------
 # Precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of balls around its
