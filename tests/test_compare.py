@@ -1,0 +1,39 @@
+"""tools/compare.py: intervals against scipy's own t test, and verdicts that only separate what differs."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from minidiffit.tools.compare import interval, paired_difference, verdict
+
+
+def test_interval_is_scipys_paired_t_interval():
+    a, b = [166.2, 167.4, 163.9, 170.1], [170.6, 172.7, 169.0, 171.2]
+    mean, low, high = paired_difference(b, a)
+    ci = scipy.stats.ttest_rel(b, a).confidence_interval(0.95)
+    assert mean == pytest.approx(np.mean(np.subtract(b, a)))
+    assert (low, high) == pytest.approx((ci.low, ci.high), rel=1e-12)
+
+
+def test_identical_variants_are_not_separated():
+    fids = [166.2, 167.4, 163.9]
+    assert verdict(*paired_difference(fids, fids)[1:]) == "not separated at this budget"
+
+
+def test_separation_needs_the_interval_to_exclude_zero():
+    tmsa = [160.0, 170.0, 150.0]
+    assert verdict(*paired_difference([165.0, 175.1, 155.2], tmsa)[1:]) == "separated: TMSA better"  # +5 each seed
+    assert verdict(*paired_difference([155.0, 164.8, 145.1], tmsa)[1:]) == "separated: TMSA worse"
+    # the same mean difference with the signs mixed: the seeds disagree, nothing is separated
+    assert verdict(*paired_difference([175.0, 160.0, 160.0], tmsa)[1:]) == "not separated at this budget"
+    # unpaired, the +5 shift would drown in the 10-point spread between seeds
+    assert interval([165.0, 175.1, 155.2])[1] < interval(tmsa)[2]
+
+
+def test_one_seed_separates_nothing_and_lengths_must_match():
+    mean, low, high = interval([3.0])
+    assert mean == 3.0 and math.isinf(low) and math.isinf(high)
+    with pytest.raises(ValueError, match="paired seeds"):
+        paired_difference([1.0, 2.0], [1.0])
