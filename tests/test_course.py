@@ -7,6 +7,7 @@ its committed checks say "correct". nbval runs both in CI (reproduce.sh test), c
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,60 @@ def test_the_overview_maps_every_notebook():
     text = "\n".join(_src(c) for c in _cells(overview))
     for path in NOTEBOOKS:
         assert f"]({path.name})" in text, f"00_overview.ipynb does not link {path.name}"
+
+
+# ----------------------------------------------------------------------------
+# Isolation: an answer that calls the package function it is checked against fails
+
+
+def test_an_answer_that_calls_the_forbidden_function_fails_even_when_right(capsys):
+    from minidiffit.attention import Attention, attention
+    from minidiffit.diffusion import edm_loss
+
+    q = k = v = torch.randn(1, 2, 5, 4)
+    own = lambda: torch.softmax(q @ k.transpose(-2, -1) / 2, -1) @ v  # noqa: E731
+    check("x.1 own answer", own, attention(q, k, v), forbid=[attention])
+    assert capsys.readouterr().out.strip() == "x.1 own answer: correct"
+    with pytest.raises(AssertionError, match="x.2 direct: the answer calls attention"):
+        check("x.2 direct", lambda: attention(q, k, v), attention(q, k, v), forbid=[attention])
+    layer = Attention(8, 2)
+    x = torch.randn(3, 4, 8)
+    with pytest.raises(AssertionError, match="calls attention"):  # reached through another package function
+        check("x.3 indirect", lambda: layer(x), layer(x), forbid=[attention])
+    with pytest.raises(AssertionError, match="calls Attention.forward"):  # a module instance forbids its forward
+        check("x.4 module", lambda: layer(x), layer(x), forbid=[layer])
+    with pytest.raises(AssertionError, match="scaled_dot_product_attention"):  # builtins too
+        check("x.5 builtin", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), own(),
+              forbid=[torch.nn.functional.scaled_dot_product_attention])
+
+    def untouched():
+        raise NotImplementedError
+
+    check("x.6 untouched", untouched, 1.0, forbid=[edm_loss])
+    assert capsys.readouterr().out.strip() == "x.6 untouched: not attempted yet"
+    assert sys.getprofile() is None  # the hook is gone afterwards
+
+
+# Exercises whose reference is not one package function a student could call instead of answering.
+UNFORBIDDEN = {
+    "4.4 one pixel's reach": "the answer is arithmetic on window sizes; the reference probes the network",
+    "7.3 rescaled latents": "the answer builds a model; the check itself measures it with measure_scale",
+}
+
+
+def test_every_check_names_what_it_forbids():
+    for path in NOTEBOOKS:
+        for cell in _exercises(path)[1]:
+            for name in re.findall(r'check\(\s*"([^"]+)"', _src(cell)):
+                if name not in UNFORBIDDEN:
+                    assert "forbid=" in _src(cell), f"{path.name}: check {name!r} names no forbid= (what it compares with)"
+
+
+def test_decorated_functions_are_told_apart():
+    """Every @torch.no_grad() function shares one wrapper: forbidding one must not forbid all of them."""
+    from minidiffit.diffusion import heun_sample, stochastic_sample
+
+    x = torch.zeros(2, 3)
+    denoiser = lambda x, sigma: x * 0  # noqa: E731
+    check("x.7 another decorated function", lambda: heun_sample(denoiser, x, num_steps=2), heun_sample(denoiser, x, num_steps=2),
+          forbid=[stochastic_sample])

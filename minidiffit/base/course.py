@@ -3,11 +3,15 @@
 Every exercise at the end of notebooks/NN_*.ipynb is followed by a check cell that calls `check`. An
 untouched exercise raises NotImplementedError, and `check` prints "not attempted yet" instead of failing;
 a wrong answer raises an AssertionError that names the exercise and what differs; a right one prints
-"correct". The solutions (notebooks/solutions/) run the same check cells under nbval, so an exercise
-that the package's API has broken fails CI. Introduced in notebooks/01_attention.ipynb.
+"correct". An answer that calls the package function it is checked against (`forbid=`) is told so and fails,
+even when its numbers are right: only an answer of the student's own passes. The solutions (notebooks/solutions/)
+run the same check cells under nbval, so an exercise that the package's API has broken fails CI. Introduced in
+notebooks/01_attention.ipynb.
 """
 
+import inspect
 import math
+import sys
 
 import numpy as np
 import torch
@@ -60,17 +64,65 @@ def compare(got, want, atol=1e-5, rtol=1e-4, where="answer"):
         raise AssertionError(f"{where}: got {got!r}, expected {want!r}")
 
 
-def check(name, answer, reference, atol=1e-5, rtol=1e-4):
-    """Check an exercise. `answer`: a function of no arguments that runs the student's code (so that an
-    untouched exercise's NotImplementedError is caught here); `reference`: the package's result.
+def _forbidden(items):
+    """({code object: name} of Python functions, {builtin: name}) for `forbid`: functions, methods, classes
+    (their forward, __call__ and __init__), module instances (their class's forward) and builtins."""
+    codes, builtins = {}, {}
+    for item in items:
+        if isinstance(item, torch.nn.Module):
+            item = type(item)
+        if inspect.isclass(item):  # its own or inherited methods, never nn.Module's or object's (every module's)
+            owners = [next((k for k in item.__mro__ if m in vars(k)), object) for m in ("forward", "__call__", "__init__")]
+            targets = [vars(k)[m] for k, m in zip(owners, ("forward", "__call__", "__init__"))
+                       if k not in (object, torch.nn.Module)]
+        else:
+            targets = [item]
+        for f in targets:
+            # bound and class methods; decorated functions by what they wrap (every @torch.no_grad() function
+            # shares one wrapper's code object)
+            f = inspect.unwrap(getattr(f, "__func__", f))
+            if hasattr(f, "__code__"):
+                codes[f.__code__] = f.__qualname__
+            else:
+                builtins[f] = getattr(f, "__qualname__", getattr(f, "__name__", repr(f)))
+    return codes, builtins
 
-    Prints "<name>: not attempted yet" or "<name>: correct"; raises AssertionError (wrong, with what differs).
-    Returns nothing, so that a check cell shows only its one line."""
+
+def _run_isolated(answer, forbid):
+    """answer(), while a profile hook notes every call of a forbidden function: (result, names called)."""
+    codes, builtins = _forbidden(forbid)
+    called = []
+
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code in codes:
+            called.append(codes[frame.f_code])
+        elif event == "c_call" and arg in builtins:
+            called.append(builtins[arg])
+
+    previous = sys.getprofile()
+    sys.setprofile(hook if (codes or builtins) else previous)
     try:
-        got = answer()
+        return answer(), called
+    finally:
+        sys.setprofile(previous)
+
+
+def check(name, answer, reference, atol=1e-5, rtol=1e-4, forbid=()):
+    """Check an exercise. `answer`: a function of no arguments that runs the student's code (so that an
+    untouched exercise's NotImplementedError is caught here); `reference`: the package's result; `forbid`: the
+    package functions (or classes, modules, builtins) the reference was computed with, which the answer must not
+    call, directly or through another package function.
+
+    Prints "<name>: not attempted yet" or "<name>: correct"; raises AssertionError (wrong, with what differs, or
+    the forbidden function it called). Returns nothing, so that a check cell shows only its one line."""
+    try:
+        got, called = _run_isolated(answer, forbid)
     except NotImplementedError:
         print(f"{name}: not attempted yet")
         return
+    if called:
+        raise AssertionError(f"{name}: the answer calls {called[0]}, the package's own version of what the exercise "
+                             f"asks for; write it yourself (the check compares with it)")
     try:
         compare(got, reference, atol, rtol)
     except AssertionError as err:
