@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from minidiffit.base.runtime import num_parameters
 from minidiffit.diffusion import EDMPrecond, edm_loss
 from minidiffit.latent import LATENT_PRESETS, LatentDiffiT
 from minidiffit.unet import UNET_PRESETS, DiffiTUNet
@@ -35,7 +36,7 @@ from minidiffit.unet import UNET_PRESETS, DiffiTUNet
 from common import clock, cuda, device, name  # benchmarks/common.py (the script's own folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from peer_models import DiffusersDiT, num_parameters, unet2d_like  # noqa: E402  experiments/peer_models.py
+from peer_models import DiffusersDiT, unet2d_like  # noqa: E402  experiments/peer_models.py
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--smoke", action="store_true", help="tiny presets, 2 short rounds (CPU check of the script)")

@@ -21,8 +21,7 @@ import torch
 
 from minidiffit.tools import edm_task
 from minidiffit.tools.evaluate import EvalConfig, RefConfig, build_reference, evaluate
-from peer_models import num_parameters  # experiments/peer_models.py (the script's own folder is on sys.path)
-from minidiffit.base.runtime import load_checkpoint
+from minidiffit.base.runtime import load_checkpoint, num_parameters
 from minidiffit.tools.sample import SampleConfig, sample
 from minidiffit.tools.tasks import train
 from minidiffit.unet import count_parameters

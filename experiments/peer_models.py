@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
+from minidiffit.base.runtime import num_parameters
 from minidiffit.latent import LATENT_PRESETS, LatentConfig
 from minidiffit.unet import UNET_PRESETS, UNetConfig, count_parameters
 
@@ -23,11 +24,6 @@ def _diffusers():
     except ImportError:
         raise ImportError("the peer baselines need diffusers: pip install diffusers (or minidiffit[latent])") from None
     return diffusers
-
-
-def num_parameters(model):
-    """Trainable parameters, a shared tensor once."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 class DiffusersUNet(nn.Module):

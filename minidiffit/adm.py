@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .base.runtime import randn
 from .diffusion import dpm_solver_2m
 
 # ----------------------------------------------------------------------------
@@ -81,15 +82,6 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
-
-
-def randn_like(x, generator=None):
-    """Standard normal noise shaped like x. `generator`: None, one torch.Generator (on x's device), or a list
-    of one per image, so that each image's noise is the same whatever the batch it is sampled in."""
-    if isinstance(generator, (list, tuple)):
-        noise = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator]
-        return torch.stack(noise).to(x.device)
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def mean_flat(x):
@@ -252,15 +244,16 @@ class GaussianDiffusion:
     def p_sample_loop(self, model, noise, model_kwargs=None, clip_denoised=False, generator=None):
         """Ancestral sampling (DDPM Algorithm 2) from x_T = `noise` over this diffusion's steps -> x_0.
 
-        x_{t-1} = mean + exp(log_variance / 2) * z, with no noise at the last step. `generator`: see `randn_like`
-        (a list of per-image generators makes image i's trajectory independent of its batch).
+        x_{t-1} = mean + exp(log_variance / 2) * z, with no noise at the last step. `generator`: None, one
+        torch.Generator, or a list of one per image (base.runtime.draw), which makes image i's trajectory
+        independent of its batch.
         """
         x = noise
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             p = self.p_mean_variance(self._model(model, x, t, model_kwargs), x, t, clip_denoised)
             if i > 0:
-                x = p["mean"] + torch.exp(0.5 * p["log_variance"]) * randn_like(x, generator)
+                x = p["mean"] + torch.exp(0.5 * p["log_variance"]) * randn(x.shape, generator, x.device, x.dtype)
             else:
                 x = p["mean"]
         return x
@@ -271,7 +264,7 @@ class GaussianDiffusion:
 
         x_{t-1} = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma z,
         sigma = eta * sqrt((1 - a_prev) / (1 - a)) * sqrt(1 - a / a_prev). The variance output is unused.
-        `generator` (eta > 0): see `randn_like`.
+        `generator` (eta > 0): as p_sample_loop's.
         """
         x = noise
         for i in reversed(range(self.num_timesteps)):
@@ -285,12 +278,13 @@ class GaussianDiffusion:
             x = (self._at("sqrt_alphas_cumprod_prev", t, x) * x0
                  + (self._at("one_minus_alphas_cumprod_prev", t, x) - sigma**2).sqrt() * eps)
             if i > 0 and eta > 0:
-                x = x + sigma * randn_like(x, generator)
+                x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
         return x
 
     @torch.no_grad()
-    def dpm_solver_sample_loop(self, model, noise, model_kwargs=None):
+    def dpm_solver_sample_loop(self, model, noise, model_kwargs=None, generator=None):
         """DPM-Solver++(2M) over this diffusion's steps: deterministic, one network evaluation per step.
+        (`generator` is unused, taken so that the three samplers share one signature.)
 
         With x~ = x / sqrt(a) and s~ = sqrt((1 - a) / a) (a = alpha-bar_t) the VP diffusion becomes EDM's
         x~ = x_0 + s~ eps, and the data prediction is D = x~ - s~ eps(sqrt(a) x~, t) (DDPM Eq. 4 solved for x_0):

@@ -11,34 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base.runtime import rand, randn
+
 AUGMENT_DIM = 9  # xflip, yflip, scale, rotate (cos-1, sin), aniso (2), translate (2)
-
-
-def _draw(sample, shape, generator, device, dtype):
-    """`sample` (torch.randn or torch.rand) of `shape` from the global RNG (generator None), one
-    torch.Generator, or a list of one generator per image (shape[0] of them), as adm.py's `randn_like`.
-
-    Each generator draws on its own device (a CPU generator may drive CUDA tensors), then the numbers move
-    to `device`. With a list, image i's numbers come from generator i alone, so an image is the same
-    whatever batch it is drawn in (EDM samples every image from its own seed).
-    """
-    if generator is None:
-        return sample(shape, device=device, dtype=dtype)
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: need one per image")
-        return torch.stack([sample(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]).to(device)
-    return sample(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
-
-
-def _randn(shape, generator=None, device=None, dtype=torch.float32):
-    """N(0, I) noise; `generator` None, one torch.Generator, or a list of one per image (see `_draw`)."""
-    return _draw(torch.randn, shape, generator, device, dtype)
-
-
-def _rand(shape, generator=None, device=None):
-    """U[0, 1) numbers, drawn like `_randn`."""
-    return _draw(torch.rand, shape, generator, device, torch.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -87,7 +62,7 @@ def edm_loss(denoiser, images, augment_labels=None, P_mean=-1.2, P_std=1.2, sigm
 
     lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 makes the effective target of F unit-variance at
     every sigma. `images` are the (possibly augmented) training images in [-1, 1]. Average the result
-    over the batch (sum / B) to get EDM's training objective. `generator`: as `_randn`.
+    over the batch (sum / B) to get EDM's training objective. `generator`: None, one torch.Generator, or a list of one per image (base.runtime.draw).
     """
     # The scale is EDM's: training/loss.py (EDMLoss) returns the per-pixel weighted error, and
     # training_loop.py calls loss.sum().mul(loss_scaling / batch_gpu_total).backward(), a sum over pixels and
@@ -95,9 +70,9 @@ def edm_loss(denoiser, images, augment_labels=None, P_mean=-1.2, P_std=1.2, sigm
     # Adam's eps (1e-8) would weigh that much more against them: the optimizer step would not be EDM's.
     # So the loss reads ~C*H*W per image, not O(1).
     B = images.shape[0]
-    sigma = (_randn((B,), generator, images.device) * P_std + P_mean).exp()  # (B,) log-normal noise levels
+    sigma = (randn((B,), generator, images.device) * P_std + P_mean).exp()  # (B,) log-normal noise levels
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # (B,)
-    noise = _randn(images.shape, generator, images.device) * sigma.reshape(B, *[1] * (images.ndim - 1))
+    noise = randn(images.shape, generator, images.device) * sigma.reshape(B, *[1] * (images.ndim - 1))
     denoised = denoiser(images + noise, sigma, augment_labels)
     return weight * (denoised - images).square().flatten(1).sum(dim=1)  # (B,)
 
@@ -202,7 +177,7 @@ def stochastic_sample(denoiser, noise, num_steps=18, sigma_min=0.002, sigma_max=
         x_cur, t_cur, t_next = x_next, t[i], t[i + 1]
         # line 4: gamma_i = min(S_churn / N, sqrt(2) - 1) if t_i in [S_min, S_max], else 0
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
-        eps = _randn(x_cur.shape, generator, x_cur.device, torch.float64) * S_noise  # line 5: eps ~ N(0, S_noise^2 I)
+        eps = randn(x_cur.shape, generator, x_cur.device, torch.float64) * S_noise  # line 5: eps ~ N(0, S_noise^2 I)
         t_hat = t_cur + gamma * t_cur  # line 6: raise the noise level ...
         x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * eps  # line 7: ... by adding exactly that much noise
         d_cur = (x_hat - _denoise(denoiser, x_hat, t_hat)) / t_hat  # line 8
@@ -252,30 +227,30 @@ def augment(images, p=0.12, generator=None, xflip=1e8, yflip=1.0, scale=1.0, rot
     dev = images.device
 
     def fires(multiplier):  # (B,) bool: does this transform act on each image?
-        return _rand((B,), generator, dev) < multiplier * p
+        return rand((B,), generator, dev) < multiplier * p
 
     # Pixel blitting: exact flips.
-    w_x = torch.where(fires(xflip), (_rand((B,), generator, dev) < 0.5).float(), 0.0)  # (B,) 1 = flipped
+    w_x = torch.where(fires(xflip), (rand((B,), generator, dev) < 0.5).float(), 0.0)  # (B,) 1 = flipped
     images = torch.where(w_x.reshape(B, 1, 1, 1) == 1, images.flip(3), images)
-    w_y = torch.where(fires(yflip), (_rand((B,), generator, dev) < 0.5).float(), 0.0)
+    w_y = torch.where(fires(yflip), (rand((B,), generator, dev) < 0.5).float(), 0.0)
     images = torch.where(w_y.reshape(B, 1, 1, 1) == 1, images.flip(2), images)
 
     # Geometric transformations, composed as one inverse matrix G_inv that maps each output pixel (centred
     # pixel coordinates) to where it is read from in the input.
     G_inv = torch.eye(3, device=dev).expand(B, 3, 3)
-    w_s = torch.where(fires(scale), _randn((B,), generator, dev), 0.0)  # isotropic scale 2^(w * scale_std)
+    w_s = torch.where(fires(scale), randn((B,), generator, dev), 0.0)  # isotropic scale 2^(w * scale_std)
     s = (w_s * scale_std).exp2()
     G_inv = G_inv @ _scale(1 / s, 1 / s)
-    w_r = torch.where(fires(rotate), (_rand((B,), generator, dev) * 2 - 1) * math.pi, 0.0)  # any angle
+    w_r = torch.where(fires(rotate), (rand((B,), generator, dev) * 2 - 1) * math.pi, 0.0)  # any angle
     G_inv = G_inv @ _rotate(w_r)  # the inverse of rotating by -w_r
-    w_a = torch.where(fires(aniso), _randn((B,), generator, dev), 0.0)  # anisotropic: stretch x, squash y ...
-    r_a = (_rand((B,), generator, dev) * 2 - 1) * math.pi  # ... along a random axis r (half of the time)
-    r_a = torch.where(_rand((B,), generator, dev) < aniso_rotate_prob, r_a, 0.0)
+    w_a = torch.where(fires(aniso), randn((B,), generator, dev), 0.0)  # anisotropic: stretch x, squash y ...
+    r_a = (rand((B,), generator, dev) * 2 - 1) * math.pi  # ... along a random axis r (half of the time)
+    r_a = torch.where(rand((B,), generator, dev) < aniso_rotate_prob, r_a, 0.0)
     s_a = (w_a * aniso_std).exp2()
     G_inv = G_inv @ _rotate(-r_a) @ _scale(1 / s_a, s_a) @ _rotate(r_a)
     on_t = fires(translate)
-    t_x = torch.where(on_t, _randn((B,), generator, dev), 0.0)  # fractional translation, in units of
-    t_y = torch.where(on_t, _randn((B,), generator, dev), 0.0)  # translate_std * image size
+    t_x = torch.where(on_t, randn((B,), generator, dev), 0.0)  # fractional translation, in units of
+    t_y = torch.where(on_t, randn((B,), generator, dev), 0.0)  # translate_std * image size
     G_inv = G_inv @ _translate(-t_x * W * translate_std, -t_y * H * translate_std)
 
     moved = (w_s != 0) | (w_r != 0) | (w_a != 0) | (t_x != 0) | (t_y != 0)  # (B,) any geometry for this image?

@@ -17,7 +17,8 @@ import torch.nn as nn
 from einops import rearrange
 
 from .attention import relative_position_index
-from .tmsa import DiffiTBlock, TimestepEmbedder
+from .tmsa import TimestepEmbedder
+from .variants import make_block
 
 # ----------------------------------------------------------------------------
 # Config and presets
@@ -37,7 +38,8 @@ class LatentConfig:
     class_dropout_prob: float = 0.1  # training-time probability of replacing a label by the null label (for CFG)
     learn_sigma: bool = True  # output 2 * in_channels: eps and the learned-range variance interpolation v
     fused: bool = True  # attention through F.scaled_dot_product_attention (False: explicit softmax, same numbers)
-    guidance: "Guidance | float | None" = None  # sampling's default guidance; None: the release's rule (default_guidance)
+    # Choice: the ablations of the image-space model (variants.py) on the latent one too; "adaln" is DiT's block.
+    time_mode: str = "tmsa"  # how time enters each block: tmsa (DiffiT, the release's), bias, mlp, token, adaln
 
 
 # The DiT family of sizes (DiT Table 1), all patch 2; XL/2 is the released DiffiT model (DESIGN.md Sec. 4).
@@ -53,9 +55,8 @@ LATENT_PRESETS = {
     # null row), label dropout 0.1, learned variance. Patch 2 (16 tokens), dim 192, depth 6: forward + backward
     # with the hybrid loss at batch 128 ran 590 img/s on 2 CPU threads (330 on 1), against 360 (196) for dim 256,
     # 860 (500) for dim 128 x depth 8, and 390 (220) for patch 1 (64 tokens) at dim 128 x depth 4; 3.4M parameters.
-    # Choice: guidance a constant 3 on the eps channels (power-cosine ramps that the release tuned for 256/512 px
-    # ImageNet do not carry over to 8x8 latents of 10 classes; a constant is the textbook CFG).
-    "fashion": LatentConfig(input_size=8, patch_size=2, dim=192, depth=6, num_heads=6, num_classes=10, guidance=3.0),
+    # Its guidance (a constant 3) is a sampling setting: latent_task.GUIDANCE.
+    "fashion": LatentConfig(input_size=8, patch_size=2, dim=192, depth=6, num_heads=6, num_classes=10),
 }
 
 
@@ -156,7 +157,7 @@ class LatentDiffiT(nn.Module):
         # Global attention: the "window" is the whole token grid, so the relative position bias table has
         # (2*16-1)^2 = 961 rows per block at 256 px and covers every token pair.
         self.blocks = nn.ModuleList([
-            DiffiTBlock(cfg.dim, cfg.num_heads, window_size=self.grid_size, mlp_ratio=cfg.mlp_ratio, fused=cfg.fused)
+            make_block(cfg.time_mode, cfg.dim, cfg.num_heads, self.grid_size, cfg.mlp_ratio, fused=cfg.fused)
             for _ in range(cfg.depth)
         ])
         self.final_layer = FinalLayer(cfg.dim, cfg.patch_size, self.out_channels)
@@ -179,6 +180,8 @@ class LatentDiffiT(nn.Module):
         for block in self.blocks:  # Swin's init of the bias table
             nn.init.trunc_normal_(block.attn.relative_position_bias_table, std=0.02)
             block.attn.relative_position_index.copy_(index)
+            if hasattr(block, "zero_modulation"):  # time_mode="adaln": zero again after the xavier pass, as DiT
+                block.zero_modulation()
         self.pos_embed.copy_(sincos_pos_embed(self.cfg.dim, self.grid_size)[None])
         # The patch conv initialised as the Linear it is: xavier over (D, C*p*p).
         w = self.x_embedder.proj.weight
@@ -252,11 +255,9 @@ GUIDANCE_PRESETS = {
 
 
 def default_guidance(cfg: LatentConfig):
-    """The guidance a model samples with unless told: its config's `guidance` when set (the fashion preset),
-    else the release's rule: power-cosine 4.4 up to 32x32 latents (256 px), constant 1.49 above. The rule knows
-    only 32 and 64; smaller latents (the tiny preset's 8x8) get the 256 px schedule."""
-    if cfg.guidance is not None:
-        return cfg.guidance
+    """The release's rule for a model's guidance: power-cosine 4.4 up to 32x32 latents (256 px), constant 1.49
+    above. The rule knows only 32 and 64; smaller latents (the tiny preset's 8x8) get the 256 px schedule.
+    Guidance is a sampling setting, not the architecture's: a run may choose another (latent_task.GUIDANCE)."""
     return GUIDANCE_PRESETS["256"] if cfg.input_size <= 32 else GUIDANCE_PRESETS["512"]
 
 

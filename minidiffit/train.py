@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .base.data import save_grid
 from .base.runtime import (atomic_write, check_resumable, check_same_data, derive_seed, finite, init_process, load_checkpoint,
-                      save_checkpoint)
+                      num_parameters, save_checkpoint)
 
 # ----------------------------------------------------------------------------
 # The schedule: lr warm-up and EMA (EDM training_loop, written from its formulas)
@@ -309,7 +309,7 @@ def train(task, cfg, log=None):
         log(f"{run.out}: already done (step {run.step}/{cfg.iters}, {_fmt_time(run.elapsed)} of budget {cfg.minutes:g} min); nothing to do")
         return run.step
     order = DataOrder(len(run.data), cfg.seed)
-    n_params = sum(p.numel() for p in run.model.parameters())
+    n_params = num_parameters(run.model)
     log(f"task {cfg.task}, preset {cfg.preset} ({n_params / 1e6:.2f}M params), data {run.data}, device {run.device} x {run.world}, "
         f"batch {cfg.batch} = {run.world} ranks x {cfg.accum} rounds x {run.micro}, bf16 {fast_path(cfg.bf16, run.device)}, compile {fast_path(cfg.compile, run.device)}")
     t_start = time.time() - run.elapsed  # so that time.time() - t_start is the training time summed over resumes

@@ -3,7 +3,7 @@
 A conv tokenizer, an encoder and a decoder of DiffiT ResBlocks (windowed TMSA, no shift) with a skip at
 every resolution, and a GN -> SiLU -> Conv3x3 head. The network is EDM's raw F_theta: `diffusion.EDMPrecond`
 wraps it. Presets follow DiffiT App. I.1 (CIFAR-10) and H.1/I.1 (FFHQ-64); every choice the paper leaves
-open is marked `# Choice:`. `time_mode` swaps TMSA for one of the paper's ablations (`tmsa.py`), e.g.
+open is marked `# Choice:`. `time_mode` swaps TMSA for one of the paper's ablations (`variants.py`), e.g.
 `dataclasses.replace(UNET_PRESETS["cifar10"], time_mode="adaln")`. Introduced in notebooks/04_unet.ipynb.
 """
 
@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .tmsa import DiffiTBlock, TimestepEmbedder
+from .base.runtime import num_parameters
+from .tmsa import TimestepEmbedder
+from .variants import make_block
 
 
 @dataclass
@@ -78,7 +80,7 @@ class DiffiTResBlock(nn.Module):
         # paper gives a rate through EDM's recipe but no position).
         self.dropout = nn.Dropout(dropout)
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.block = DiffiTBlock(channels, num_heads, window_size, mlp_ratio, temb_dim, time_mode=time_mode)
+        self.block = make_block(time_mode, channels, num_heads, window_size, mlp_ratio, temb_dim)  # tmsa: DiffiTBlock
 
     def forward(self, x, temb):  # x: (B, C, H, W), temb: (B, Dt)
         h = self.conv(self.dropout(F.silu(self.norm(x))))  # (B, C, H, W)
@@ -214,7 +216,7 @@ def count_parameters(cfg: UNetConfig | str):
     cfg = UNET_PRESETS[cfg] if isinstance(cfg, str) else cfg
     with torch.device("meta"):
         model = DiffiTUNet(cfg)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return num_parameters(model)
 
 
 def print_parameter_counts():

@@ -170,21 +170,28 @@ def test_generate_is_guided_ancestral_sampling_by_hand(run):
     assert (unguided - strong).abs().max() > 1e-2
 
 
-def test_a_presets_own_guidance_is_the_default(run):
+def test_the_runs_guidance_is_the_default(run, monkeypatch):
+    """Guidance is chosen when sampling: the call's, else the run's --guidance, else its preset's (GUIDANCE: the
+    fashion preset's constant 3), else the release's rule."""
     model, cfg, _ = build_from_checkpoint(run / "ckpt.pt")
     randomized(model, seed=2)
-    model.cfg = dataclasses.replace(model.cfg, guidance=2.0)  # as the fashion preset sets 3.0
     vae, seeds = load_vae(VAEConfig(source="tiny")), torch.tensor([1, 5])
-    got = latent_task.generate(model, seeds, cfg, num_steps=3, vae=vae)
-    torch.testing.assert_close(got, latent_task.generate(model, seeds, cfg, num_steps=3, guidance=2.0, vae=vae), rtol=0, atol=0)
+    explicit = latent_task.generate(model, seeds, cfg, num_steps=3, guidance=2.0, vae=vae)
+    got = latent_task.generate(model, seeds, dataclasses.replace(cfg, guidance=2.0), num_steps=3, vae=vae)
+    torch.testing.assert_close(got, explicit, rtol=0, atol=0)
+    monkeypatch.setitem(latent_task.GUIDANCE, "tiny", 2.0)  # as the fashion preset has 3.0
+    torch.testing.assert_close(latent_task.generate(model, seeds, cfg, num_steps=3, vae=vae), explicit, rtol=0, atol=0)
     release = latent_task.generate(model, seeds, cfg, num_steps=3, guidance=latent.GUIDANCE_PRESETS["256"], vae=vae)
     assert (got - release).abs().max() > 1e-3
+    assert latent_task.run_guidance(latent_task.Config(preset="fashion"), LATENT_PRESETS["fashion"]) == 3.0
+    assert latent_task.run_guidance(latent_task.Config(), LATENT_PRESETS["XL/2"]) is latent.GUIDANCE_PRESETS["256"]
+    assert not hasattr(LATENT_PRESETS["fashion"], "guidance")  # a sampling setting, not the architecture's
 
 
 def test_released_weights_path_matches_the_model(run, tmp_path, monkeypatch):
     """sample.py --weights=FILE on a file in the release's layout (here: our tiny run exported) gives exactly
     the images of that model, with labels; the export CLI writes such a file from a training checkpoint."""
-    monkeypatch.setenv("MINIDIFFIT_VAE", "tiny")
+    monkeypatch.delenv("MINIDIFFIT_VAE", raising=False)  # the header names the run's VAE (the tiny one): no override
     weights = tmp_path / "tiny.safetensors"
     latent_task.main(["export", f"--ckpt={run / 'ckpt.pt'}", f"--out={weights}"])
     npz = tmp_path / "released.npz"
@@ -208,7 +215,7 @@ def test_an_exported_file_samples_as_its_run(run, tmp_path, monkeypatch):
     so sample.py --weights on the file makes the images sample.py --ckpt makes (not the release's guidance, not
     SD's VAE)."""
     guidance = latent.Guidance(scale=2.5, schedule="constant")
-    monkeypatch.setitem(LATENT_PRESETS, "tiny", dataclasses.replace(LATENT_PRESETS["tiny"], guidance=guidance))
+    monkeypatch.setitem(latent_task.GUIDANCE, "tiny", guidance)  # as the fashion preset's constant 3
     monkeypatch.delenv("MINIDIFFIT_VAE", raising=False)  # the VAE comes from the run's manifest: the tiny one
     model, cfg, ckpt = build_from_checkpoint(run / "ckpt.pt")
     randomized(model, seed=3)  # trained 4 steps, the model's output hardly depends on the guidance: make it
@@ -216,7 +223,7 @@ def test_an_exported_file_samples_as_its_run(run, tmp_path, monkeypatch):
     weights = tmp_path / "tiny.safetensors"
     latent_task.export(tmp_path / "ckpt.pt", weights)
     loaded, rcfg = latent_task.released_model(weights)
-    assert loaded.cfg.guidance == guidance and (rcfg.vae, rcfg.vae_scale) == latent_task.vae_source(cfg)
+    assert rcfg.guidance == guidance and (rcfg.vae, rcfg.vae_scale) == latent_task.vae_source(cfg)
     npz = tmp_path / "exported.npz"
     sample(SampleConfig(weights=str(weights), num_samples=4, out=str(npz), steps=3, batch=4, quantize="round"), **QUIET)
     expected = latent_task.generate(model, torch.arange(4), cfg, num_steps=3)
@@ -233,7 +240,7 @@ def test_an_exported_file_samples_as_its_run(run, tmp_path, monkeypatch):
 def test_clear_errors(data, tmp_path):
     with pytest.raises(ValueError, match="--image_size=256"):  # 8x8 latents for a 32x32-latent preset
         latent_task.load_data(run_config(data, tmp_path, preset="S/2"))
-    with pytest.raises(ValueError, match="minidiffit.tools.imagenet prepare"):
+    with pytest.raises(ValueError, match="python -m minidiffit imagenet prepare"):
         latent_task.load_data(run_config(data, tmp_path, data_dir=None))
     with pytest.raises(ValueError, match="unknown for task 'latent'"):
         run_config(data, tmp_path, preset="cifar10")

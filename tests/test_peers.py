@@ -9,10 +9,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from minidiffit.base.runtime import num_parameters  # noqa: E402
 from minidiffit.diffusion import EDMPrecond, edm_loss  # noqa: E402
 from minidiffit.latent import LATENT_PRESETS  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from peer_models import DiffusersDiT, DiffusersUNet, diffusers_dit, num_parameters, unet2d_like  # noqa: E402
+from peer_models import DiffusersDiT, DiffusersUNet, diffusers_dit, unet2d_like  # noqa: E402
 from minidiffit.unet import count_parameters  # noqa: E402
 
 

@@ -73,3 +73,15 @@ def test_sampler_option(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([f"--ckpt={ckpt}", "--num_samples=1", "--sampler=ancestral", f"--out={tmp_path / 'x.npz'}"])
     assert "--sampler=ancestral: unknown for the 'edm' task; choose one of heun, dpm++2m, euler" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["edm", "latent"])
+def test_each_task_picks_samplers_from_one_table_with_one_error(task):
+    """Both tasks name their samplers in a dict name -> function, and refuse another name alike (before any work)."""
+    from minidiffit.tools import edm_task, latent_task
+
+    module = {"edm": edm_task, "latent": latent_task}[task]
+    assert isinstance(module.SAMPLERS, dict) and all(callable(f) for f in module.SAMPLERS.values())
+    with pytest.raises(ValueError, match=f"--sampler=nope: unknown for the '{task}' task; choose one of "
+                                         + ", ".join(module.SAMPLERS).replace("+", r"\+")):
+        module.generate(None, torch.arange(2), None, sampler="nope")

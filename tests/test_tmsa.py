@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from minidiffit.attention import Attention, relative_position_index
+from minidiffit.base.runtime import num_parameters
 from minidiffit.tmsa import TMSA, DiffiTBlock, TimestepEmbedder, timestep_embedding
 
 # ----------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def test_block_xl_shapes_on_meta():
         block = DiffiTBlock(1152, 16, 16)
         out = block(torch.empty(2, 16, 16, 1152), torch.empty(2, 1152))
     assert out.shape == (2, 16, 16, 1152)
-    n = sum(p.numel() for p in block.parameters())
+    n = num_parameters(block)
     D = 1152
     assert n == 2 * (3 * D * D + 3 * D) + (D * D + D) + 31 * 31 * 16 + (4 * D * D + 4 * D) + (4 * D * D + D)
 

@@ -48,6 +48,17 @@ def test_tiny_vae_is_deterministic_and_leaves_global_rng_alone():
         assert torch.equal(p, q)
 
 
+def test_minidiffit_vae_replaces_sds_vae_with_a_folder_or_the_tiny_one(vae, monkeypatch):
+    """MINIDIFFIT_VAE has one meaning, read in one place (load_vae): what to load where SD's VAE is asked for."""
+    monkeypatch.setenv("MINIDIFFIT_VAE", "tiny")
+    for a, b in zip(load_vae(VAEConfig()).parameters(), vae.parameters()):  # SD's id -> the tiny random VAE
+        assert torch.equal(a, b)
+    from minidiffit.tools import latent_task
+
+    cfg = latent_task.Config(preset="tiny")  # a run's VAE is named as it is; the variable acts only when loading
+    assert latent_task.vae_source(cfg) == (VAEConfig().source, SD_VAE_SCALE)
+
+
 def test_missing_local_vae_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIDIFFIT_VAE", str(tmp_path / "nowhere"))
     with pytest.raises(OSError, match="MINIDIFFIT_VAE"):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from minidiffit.attention import relative_position_index, window_partition
 from minidiffit.diffusion import EDMPrecond, edm_loss
-from minidiffit.tmsa import TIME_MODES, DiffiTBlock
+from minidiffit.variants import BLOCKS, TIME_MODES, make_block
 from minidiffit.unet import UNET_PRESETS, DiffiTUNet, count_parameters
 
 # The parameters through which time enters a block, per mode (all other parameters never see temb).
@@ -65,7 +65,7 @@ def mlp_by_hand(mlp, z):
 
 
 def block_by_hand(block, x, temb):
-    """Each time_mode as DESIGN.md Sec. 2 describes it (with tmsa.py's readings), from the block's weights."""
+    """Each time_mode as DESIGN.md Sec. 2 describes it (with variants.py's readings), from the block's weights."""
     mode, a, w = block.time_mode, block.attn, block.window_size
     D, N, h = x.shape[-1], w * w, a.num_heads
     B_pos = table_bias(a.relative_position_bias_table, w)  # (h, N, N)
@@ -97,10 +97,11 @@ def block_by_hand(block, x, temb):
     return x + mlp_by_hand(block.mlp, z)
 
 
-def make_block(mode, fused=True, randomize=True):
+def small_block(mode, fused=True, randomize=True):
     """A small block on two 4x8 maps (two 4x4 windows per image), time token of width 12 != D."""
     torch.manual_seed(0)
-    block = DiffiTBlock(16, 2, 4, mlp_ratio=2.0, temb_dim=12, fused=fused, time_mode=mode)
+    block = make_block(mode, 16, 2, 4, mlp_ratio=2.0, temb_dim=12, fused=fused)
+    assert type(block) is BLOCKS[mode] and block.time_mode == mode
     if randomize:
         with torch.no_grad():
             block.attn.relative_position_bias_table.normal_()  # so that a wrong bias layout shows
@@ -113,13 +114,13 @@ def make_block(mode, fused=True, randomize=True):
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("mode", TIME_MODES)
 def test_block_equals_by_hand(mode, fused):
-    block, x, temb = make_block(mode, fused)
+    block, x, temb = small_block(mode, fused)
     torch.testing.assert_close(block(x, temb), block_by_hand(block, x, temb), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", TIME_MODES)
 def test_time_enters_only_through_its_parameters(mode):
-    block, x, temb = make_block(mode)
+    block, x, temb = small_block(mode)
     names = {n for n, _ in block.named_parameters() if "temb" in n or "adaLN" in n}
     assert names == {n for n, _ in block.named_parameters() if n.startswith(TIME_PARAMETERS[mode])}
     assert names, f"{mode}: no time parameters"
@@ -132,7 +133,7 @@ def test_time_enters_only_through_its_parameters(mode):
 
 
 def test_bias_qkv_do_not_see_time_but_the_output_does():
-    block, x, temb = make_block("bias")
+    block, x, temb = small_block("bias")
     seen = []
     block.attn.qkv.register_forward_hook(lambda mod, args, out: seen.append(out.detach().clone()))
     out1, out2 = block(x, temb), block(x, temb + torch.randn(2, 12))
@@ -141,7 +142,7 @@ def test_bias_qkv_do_not_see_time_but_the_output_does():
 
 
 def test_bias_with_zeroed_time_table_is_plain_windowed_attention():
-    block, x, temb = make_block("bias")
+    block, x, temb = small_block("bias")
     with torch.no_grad():
         block.attn.bias_temb.weight.zero_()
         block.attn.bias_temb.bias.zero_()
@@ -152,7 +153,7 @@ def test_bias_with_zeroed_time_table_is_plain_windowed_attention():
 
 
 def test_mlp_with_zeroed_projection_ignores_time():
-    block, x, temb = make_block("mlp")
+    block, x, temb = small_block("mlp")
     out = block(x, temb)
     assert not torch.allclose(out, block(x, temb + 1.0), atol=1e-4)
     with torch.no_grad():
@@ -162,7 +163,7 @@ def test_mlp_with_zeroed_projection_ignores_time():
 
 
 def test_adaln_zero_starts_as_the_identity():
-    block, x, temb = make_block("adaln", randomize=False)
+    block, x, temb = small_block("adaln", randomize=False)
     assert not block.adaLN_modulation[1].weight.any() and not block.adaLN_modulation[1].bias.any()
     torch.testing.assert_close(block(x, temb), x, rtol=0, atol=0)  # every gate is zero
 
@@ -171,7 +172,7 @@ def test_invalid_time_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="tmsa, bias, mlp, token, adaln"):
         DiffiTUNet(dataclasses.replace(UNET_PRESETS["tiny"], time_mode="film"))
     with pytest.raises(ValueError, match="adaln"):
-        DiffiTBlock(16, 2, 4, time_mode="adaLN")
+        make_block("adaLN", 16, 2, 4)
 
 
 # ----------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def barrier():
 
 
 # ----------------------------------------------------------------------------
-# Seeds
+# Seeds and per-image noise (the one helper: diffusion.py's samplers and augmentation, adm.py's sampling loops and
+# the tasks' initial noise all draw through `draw`)
 
 
 def derive_seed(*words):
@@ -71,7 +72,17 @@ def image_generators(seeds):
 def seeded_noise(seeds, shape, device="cpu", generators=None):
     """(N, *shape) initial noise, image i from its own generator (`image_generators(seeds)` when not given)."""
     generators = image_generators(seeds) if generators is None else generators
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    return randn((len(generators), *shape), generators, device)
+
+
+# ----------------------------------------------------------------------------
+# Parameters
+
+
+def num_parameters(model):
+    """Trainable parameters of a module, a tensor that two modules share counted once (the count papers report:
+    DiT-XL/2's and DiffiT's 561M exclude the fixed position embedding, a Parameter with requires_grad=False)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # ----------------------------------------------------------------------------
@@ -81,6 +92,33 @@ def seeded_noise(seeds, shape, device="cpu", generators=None):
 def temporary_path(path):
     """Where `atomic_write` stages `path`: hidden, ending in .tmp, so no reader (fid's image lister, the
     latent shard reader, a resumed sampler) ever takes it for a result."""
+def draw(sample, shape, generator=None, device=None, dtype=torch.float32):
+    """`sample` (torch.randn or torch.rand) of `shape` from the global RNG (generator None), one torch.Generator,
+    or a list of one generator per image (shape[0] of them).
+
+    Each generator draws on its own device (a CPU generator may drive CUDA tensors), then the numbers move to
+    `device`. With a list, image i's numbers come from generator i alone, so an image is the same whatever
+    batch it is drawn in (EDM samples every image from its own seed).
+    """
+    if generator is None:
+        return sample(shape, device=device, dtype=dtype)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: need one per image")
+        return torch.stack([sample(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]).to(device)
+    return sample(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def randn(shape, generator=None, device=None, dtype=torch.float32):
+    """N(0, I) noise of `shape`; `generator`: None, one torch.Generator, or a list of one per image (`draw`)."""
+    return draw(torch.randn, shape, generator, device, dtype)
+
+
+def rand(shape, generator=None, device=None, dtype=torch.float32):
+    """U[0, 1) numbers of `shape`, drawn like `randn`."""
+    return draw(torch.rand, shape, generator, device, dtype)
+
+
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 

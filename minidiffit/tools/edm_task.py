@@ -78,13 +78,17 @@ def loss(model, images, labels, cfg):
     return edm_loss(model, images, augment_labels)  # (B,)
 
 
-# sample.py --sampler: network evaluations for N steps: heun 2N - 1 (EDM Algorithm 1, the paper's), dpm++2m N, euler N
-SAMPLERS = {"heun": heun_sample, "dpm++2m": dpm_solver_sample, "euler": euler_sample}
+# sample.py --sampler: name -> the sampler, called (denoiser, noise, num_steps=)
+SAMPLERS = {"heun": heun_sample,  # EDM Algorithm 1, the paper's: 2N - 1 network evaluations for N steps
+            "dpm++2m": dpm_solver_sample,  # DPM-Solver++(2M): N evaluations
+            "euler": euler_sample}  # N evaluations
 
 
 @torch.no_grad()
 def generate(model, seeds, cfg, num_steps=18, sampler="heun"):
     """Deterministic sampling of the probability-flow ODE (default: EDM's Heun), image i from seeds[i]."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler={sampler}: unknown for the 'edm' task; choose one of {', '.join(SAMPLERS)}")
     device = next(model.parameters()).device
     noise = seeded_noise(seeds, image_shape(cfg), device)
     return SAMPLERS[sampler](model, noise, num_steps=num_steps).clamp(-1, 1)

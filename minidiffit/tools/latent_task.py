@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +55,36 @@ class Config(RunConfig):
     # sample.py --weights sets these from an exported file's header; a training run reads its latents' manifest.
     vae: str = ""  # the VAE that decodes samples (vae.VAEConfig.source); "": the latents' manifest's, else SD's
     vae_scale: float = 0.0  # that VAE's latent scale factor; 0: SD's 0.18215
+    # A float from the command line; a latent.Guidance from an exported file's header (or from Python).
+    guidance: float | Guidance | None = None  # sampling's default guidance (1 = none); None: the preset's (GUIDANCE)
+
+    RESUMABLE = RunConfig.RESUMABLE + ("guidance",)  # a sampling setting: the trained weights do not depend on it
+
+    def __post_init__(self):
+        if isinstance(self.guidance, dict):  # a Guidance back from a checkpoint's config dict
+            self.guidance = Guidance(**self.guidance)
+        super().__post_init__()
 
     def validate(self):
         super().validate()
         check(self.preset in LATENT_PRESETS or self.preset == "released",
               f"--preset={self.preset}: unknown for task 'latent'; choose one of {sorted(LATENT_PRESETS)}")
+        check(self.guidance is None or isinstance(self.guidance, Guidance) or self.guidance >= 1,
+              f"--guidance={self.guidance}: a scale >= 1 (1 = no guidance), or none for the preset's")
+
+
+# Choice: the laptop tier (fashion) samples with a constant guidance 3 on the eps channels: the power-cosine ramps the
+# release tuned for 256/512 px ImageNet do not carry over to 8x8 latents of 10 classes; a constant is the textbook CFG.
+# Presets not listed follow the release's rule (latent.default_guidance: power-cosine 4.4 up to 256 px, 1.49 at 512).
+GUIDANCE = {"fashion": 3.0}
+
+
+def run_guidance(cfg, lcfg):
+    """The guidance `generate` uses when the call names none: the run's --guidance, else its preset's in GUIDANCE,
+    else the release's rule for the model's latent size (`lcfg`, its LatentConfig)."""
+    if cfg.guidance is not None:
+        return cfg.guidance
+    return GUIDANCE[cfg.preset] if cfg.preset in GUIDANCE else default_guidance(lcfg)
 
 
 def build_model(cfg):
@@ -103,14 +127,11 @@ def _unwrap(model):
 def vae_source(cfg):
     """(source, scale) of the VAE that decodes this run's samples.
 
-    The environment variable MINIDIFFIT_VAE=tiny forces the tiny random VAE (tests); otherwise the VAE that
-    encoded the training latents and the scale they were made with (their manifest records both: for our
-    autoencoder, its ckpt.pt and measured scale, which load_vae checks against the file), else Stable
-    Diffusion's sd-vae-ft-ema. A Hugging Face id is replaced by the local folder in MINIDIFFIT_VAE when that
-    is set (see vae.load_vae).
+    The run's --vae (an exported file's header sets it), else the VAE that encoded the training latents and the
+    scale they were made with (their manifest records both: for our autoencoder, its ckpt.pt and measured scale,
+    which load_vae checks against the file), else Stable Diffusion's sd-vae-ft-ema. (Where SD's VAE is named,
+    the environment variable MINIDIFFIT_VAE may replace it when it is loaded: see vae.load_vae.)
     """
-    if os.environ.get("MINIDIFFIT_VAE") == "tiny":
-        return "tiny", SD_VAE_SCALE
     if cfg.vae:
         return cfg.vae, cfg.vae_scale or SD_VAE_SCALE
     if cfg.data_dir and (Path(cfg.data_dir) / MANIFEST).is_file():
@@ -136,8 +157,11 @@ def decode(vae, z, chunk=32):
     return torch.cat([vae.decode(z[i:i + chunk]).float().clamp(-1, 1) for i in range(0, len(z), chunk)])
 
 
-# sample.py --sampler: each takes one network evaluation per step (two images' worth with guidance)
-SAMPLERS = ("ancestral", "ddim", "dpm++2m")  # DDPM Algorithm 2 (the paper's, 250 steps); DDIM eta 0; DPM-Solver++(2M)
+# sample.py --sampler: name -> the respaced diffusion's loop, called (diffusion, model, noise, model_kwargs=,
+# generator=). Each takes one network evaluation per step (two images' worth with guidance).
+SAMPLERS = {"ancestral": GaussianDiffusion.p_sample_loop,  # DDPM Algorithm 2 (the paper's, 250 steps)
+            "ddim": GaussianDiffusion.ddim_sample_loop,  # DDIM, eta 0 (deterministic)
+            "dpm++2m": GaussianDiffusion.dpm_solver_sample_loop}  # DPM-Solver++(2M)
 
 
 @torch.no_grad()
@@ -146,30 +170,28 @@ def generate(model, seeds, cfg, num_steps=250, guidance=None, channels=3, vae=No
 
     Image i: label seeds[i] % num_classes, and every random number of its trajectory (the initial noise and
     each step's noise) from its own generator seeded with seeds[i], so it is the same in any batch or rank.
-    `guidance`: None = the preset's default (latent.default_guidance: the release's power-cosine 4.4 at 256 px,
-    constant 1.49 at 512 px), a float for a constant scale (1 = no guidance), or a latent.Guidance.
+    `guidance`: None = the run's (run_guidance: its --guidance, the fashion preset's constant 3, else the
+    release's power-cosine 4.4 at 256 px, constant 1.49 at 512 px), a float for a constant scale (1 = no
+    guidance), or a latent.Guidance.
     `channels`: 3 guides eps channels 0..2 as released, None all four. Each step costs two network
     evaluations per image (the batch is doubled with the null label) unless guidance is 1.
     `sampler`: one of SAMPLERS, over `num_steps` respaced steps (ADM's even spacing, both ends kept).
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler={sampler}: unknown for the 'latent' task; choose one of {', '.join(SAMPLERS)}")
     net = _unwrap(model)
     lcfg = net.cfg
     device = next(net.parameters()).device
     generators = image_generators(seeds)  # CPU: the same numbers on any device
     noise = seeded_noise(seeds, (lcfg.in_channels, lcfg.input_size, lcfg.input_size), device, generators)  # (N, 4, h, w)
     y = class_labels(seeds, lcfg.num_classes).to(device)  # (N,)
-    scale = default_guidance(lcfg) if guidance is None else guidance
+    scale = run_guidance(cfg, lcfg) if guidance is None else guidance
     if isinstance(scale, (int, float)) and scale == 1:
         fn = net  # the conditional model alone: half the cost
     else:
         fn = functools.partial(net.forward_with_cfg, scale=scale, channels=channels)
     diffusion = GaussianDiffusion.respaced(str(num_steps))
-    if sampler == "ancestral":
-        z = diffusion.p_sample_loop(fn, noise, model_kwargs={"y": y}, generator=generators)  # (N, 4, h, w)
-    elif sampler == "ddim":
-        z = diffusion.ddim_sample_loop(fn, noise, model_kwargs={"y": y})
-    else:
-        z = diffusion.dpm_solver_sample_loop(fn, noise, model_kwargs={"y": y})
+    z = SAMPLERS[sampler](diffusion, fn, noise, model_kwargs={"y": y}, generator=generators)  # (N, 4, h, w)
     if vae is None:
         source, vae_scale = vae_source(cfg)
         vae = _cached_vae(source, vae_scale, str(device))
@@ -211,17 +233,16 @@ def released_model(path, device="cpu"):
                                 "https://huggingface.co/nvidia/DiffiT and pass its path")
     model = load_released(path, device=device).requires_grad_(False)
     meta = read_metadata(path)  # {} for the release's files; an exported run's guidance and VAE
-    if "guidance" in meta:
-        g = json.loads(meta["guidance"])
-        model.cfg = dataclasses.replace(model.cfg, guidance=Guidance(**g) if isinstance(g, dict) else g)
+    guidance = json.loads(meta["guidance"]) if "guidance" in meta else None  # None: the release's rule
     # preset is a label here: generate reads the architecture off the model, the VAE from vae_source.
-    return model, Config(preset="released", grid=0, vae=meta.get("vae", ""), vae_scale=float(meta.get("vae_scale", 0)))
+    return model, Config(preset="released", grid=0, vae=meta.get("vae", ""), vae_scale=float(meta.get("vae_scale", 0)),
+                         guidance=guidance)
 
 
 def export(ckpt, out, use_ema=True):
     """A training checkpoint's (EMA) weights -> a safetensors file in the release's layout, whose header records
-    what the weights alone do not say: the preset's guidance and the VAE (and scale) of the run's latents, so
-    that sample.py --weights samples it as sample.py --ckpt would."""
+    what the weights alone do not say: the run's guidance (run_guidance) and the VAE (and scale) of its latents,
+    so that sample.py --weights samples it as sample.py --ckpt would."""
     saved = load_checkpoint(ckpt)
     if saved["config"].get("task") != "latent":
         raise ValueError(f"{ckpt} is a {saved['config'].get('task')!r} run; export takes latent DiffiT checkpoints")
@@ -230,9 +251,8 @@ def export(ckpt, out, use_ema=True):
     model.load_state_dict(saved["ema" if use_ema else "model"])
     source, scale = vae_source(cfg)
     meta = {"preset": cfg.preset, "vae": source, "vae_scale": repr(scale)}
-    g = model.cfg.guidance
-    if g is not None:
-        meta["guidance"] = json.dumps(dataclasses.asdict(g) if isinstance(g, Guidance) else g)
+    g = run_guidance(cfg, model.cfg)
+    meta["guidance"] = json.dumps(dataclasses.asdict(g) if isinstance(g, Guidance) else g)
     save_safetensors(model, out, metadata=meta)
     return out
 

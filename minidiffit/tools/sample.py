@@ -41,7 +41,7 @@ class SampleConfig:
     # sample.py applies; half a grey level moves FID, so the released numbers are reproduced with theirs.
     quantize: str = ""  # float -> uint8: round, truncate, or "" (round; truncate for --weights)
     overwrite: bool = False  # replace an existing .npz / .png output (a PNG folder is resumed, never replaced)
-    guidance: float = 0.0  # latent task: constant classifier-free guidance scale (1 = none; 0 = the model's default)
+    guidance: float = 0.0  # latent task: constant guidance scale (1 = none; 0: the run's, latent_task.run_guidance)
     nrow: int = 0  # .png grid: images per row (0 = square); 10 with 10 classes puts class c in column c
 
     def validate(self):

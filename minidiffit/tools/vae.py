@@ -103,16 +103,17 @@ def load_vae(cfg: VAEConfig = VAEConfig(), device="cpu"):
     """A LatentVAE from a Hugging Face id (needs internet or the HF cache), a local directory, or "tiny";
     an autoencoder.AutoencoderVAE (the same interface) from a path ending in .pt.
 
-    The environment variable MINIDIFFIT_VAE, when set, names a local directory that replaces the Hugging
-    Face id (for offline machines: download sd-vae-ft-ema once, point MINIDIFFIT_VAE at it); it does not
-    replace a .pt path.
+    The environment variable MINIDIFFIT_VAE, when set, replaces Stable Diffusion's VAE (any source but "tiny" and
+    a .pt path) wherever it is asked for: a local directory (for offline machines: download sd-vae-ft-ema once,
+    point MINIDIFFIT_VAE at it), or the word "tiny" for the random test VAE (CI and FAST runs of the release's
+    path, which would otherwise download 335 MB). This is the variable's only reader.
     """
     if is_autoencoder_checkpoint(cfg.source):
         from ..autoencoder import AutoencoderVAE, load_autoencoder
 
         if not os.path.isfile(cfg.source):
             raise FileNotFoundError(f"no autoencoder checkpoint at {cfg.source!r}; train one with `python -m "
-                                    f"minidiffit.autoencoder --out=DIR` (it writes DIR/ckpt.pt), or fix the path")
+                                    f"minidiffit autoencoder --out=DIR` (it writes DIR/ckpt.pt), or fix the path")
         autoencoder, measured = load_autoencoder(cfg.source)
         # The latents' manifest records the scale they were made with: a different one means the autoencoder
         # was retrained since, and its decoder no longer fits those latents.
@@ -121,11 +122,11 @@ def load_vae(cfg: VAEConfig = VAEConfig(), device="cpu"):
                              f"latents were made with it): it was retrained since; rerun imagenet prepare with it")
         return AutoencoderVAE(autoencoder, measured).to(device).eval()
     scale = SD_VAE_SCALE if cfg.scale is None else cfg.scale
-    # Choice: MINIDIFFIT_VAE, an offline override of the Hugging Face id (the release downloads at run time).
-    if cfg.source == "tiny":
+    # Choice: MINIDIFFIT_VAE, an offline override of SD's VAE (the release downloads it at run time).
+    source = cfg.source if cfg.source == "tiny" else (os.environ.get("MINIDIFFIT_VAE") or cfg.source)
+    if source == "tiny":
         autoencoder = tiny_autoencoder()
     else:
-        source = os.environ.get("MINIDIFFIT_VAE") or cfg.source
         hint = ("Download it on a machine with internet (huggingface-cli download stabilityai/sd-vae-ft-ema "
                 "--local-dir DIR) and set MINIDIFFIT_VAE=DIR, or use source='tiny' for a random test VAE.")
         # A Hugging Face id is "owner/name"; anything else that is not a directory is a wrong local path.
