@@ -19,9 +19,7 @@ GFLOP x images/s (backward ~ 2 forwards). Prints a markdown table with the devic
 import argparse
 import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +29,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from minidiffit.base.runtime import num_parameters
 from minidiffit.diffusion import EDMPrecond, edm_loss
 from minidiffit.latent import LATENT_PRESETS, LatentDiffiT
+from minidiffit.tools.peers import DiffusersDiT, unet2d_like
 from minidiffit.unet import UNET_PRESETS, DiffiTUNet
 
 from common import clock, cuda, device, name  # benchmarks/common.py (the script's own folder is on sys.path)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from peer_models import DiffusersDiT, unet2d_like  # noqa: E402  experiments/peer_models.py
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--smoke", action="store_true", help="tiny presets, 2 short rounds (CPU check of the script)")

@@ -1,9 +1,6 @@
 """Peer baselines from diffusers: the U-Net trains under EDMPrecond, the size matching holds, and diffusers' DiT
 (with its time + label embedder shared, as DiT has it) has exactly DiT's parameter count."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,8 +9,7 @@ pytest.importorskip("diffusers")
 from minidiffit.base.runtime import num_parameters  # noqa: E402
 from minidiffit.diffusion import EDMPrecond, edm_loss  # noqa: E402
 from minidiffit.latent import LATENT_PRESETS  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from peer_models import DiffusersDiT, DiffusersUNet, diffusers_dit, unet2d_like  # noqa: E402
+from minidiffit.tools.peers import DiffusersDiT, DiffusersUNet, diffusers_dit, unet2d_like  # noqa: E402
 from minidiffit.unet import count_parameters  # noqa: E402
 
 

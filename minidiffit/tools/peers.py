@@ -4,7 +4,8 @@
 behind DiffiTUNet's call signature, so `diffusion.EDMPrecond` and the EDM recipe train it unchanged;
 `unet2d_like` sizes one to a DiffiTUNet preset's parameter budget. `DiffusersDiT` / `diffusers_dit` build
 diffusers' `DiTTransformer2DModel` (Peebles & Xie 2023) shaped like a LatentDiffiT preset, called as
-`model(x, t, y)`. diffusers is an optional dependency, imported only inside these functions.
+`model(x, t, y)`. diffusers is an optional dependency, imported only inside these functions. In tools/, next
+to what uses it: edm_task's `--arch=unet2d` (the ablations' peer), benchmarks/peers.py and experiments/ablations.py.
 Introduced in notebooks/10_ablations.ipynb.
 """
 
@@ -13,9 +14,9 @@ import math
 import torch
 import torch.nn as nn
 
-from minidiffit.base.runtime import num_parameters
-from minidiffit.latent import LATENT_PRESETS, LatentConfig
-from minidiffit.unet import UNET_PRESETS, UNetConfig, count_parameters
+from ..base.runtime import num_parameters
+from ..latent import LATENT_PRESETS, LatentConfig
+from ..unet import UNET_PRESETS, UNetConfig, count_parameters
 
 
 def _diffusers():
