@@ -1,15 +1,15 @@
-"""What the benchmark scripts share: the device (TF32 on for CUDA, as train.py), its name, and a synchronised clock."""
+"""What the benchmark scripts share: the device (runtime.select_device: TF32 on for CUDA, as train.py), its name,
+and a synchronised clock."""
 
 import time
 
 import torch
 
-cuda = torch.cuda.is_available()
-device = torch.device("cuda" if cuda else "cpu")
-if cuda:
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-name = torch.cuda.get_device_name() if cuda else "CPU"
+from minidiffit.base.runtime import select_device
+
+device = select_device()
+cuda = device.type == "cuda"
+name = torch.cuda.get_device_name(device) if cuda else "CPU"
 
 
 def sync():

@@ -16,7 +16,7 @@ COMMANDS = {  # name -> (module, what it does)
     "fid": ("minidiffit.tools.evaluate", "FID / precision / recall of samples; `fid ref`: reference statistics"),
     "imagenet": ("minidiffit.tools.imagenet", "prepare latents (ImageNet, Fashion-MNIST), synthetic sets, ADM reference batches"),
     "export": ("minidiffit.tools.latent_task", "a latent run's EMA weights as safetensors in the release's layout"),
-    "autoencoder": ("minidiffit.autoencoder", "train the laptop tier's autoencoder"),
+    "autoencoder": ("minidiffit.tools.autoencoder_task", "train the laptop tier's autoencoder (= train --task=autoencoder)"),
 }
 
 

@@ -6,24 +6,21 @@ blocks, GroupNorm, SiLU; downsampling 4 where SD's is 8, 4 latent channels as SD
 a few CPU minutes. The encoder gives a diagonal Gaussian, a small KL penalty keeps the latents tame, and
 the latent scale factor is then measured as LDM measured SD's 0.18215: 1 / std of the latents.
 `AutoencoderVAE` gives it vae.LatentVAE's interface, so `vae.load_vae(VAEConfig(source="DIR/ckpt.pt"))`,
-imagenet.prepare and the latent task take it as they take SD's VAE. Introduced in
-notebooks/07_latent_space.ipynb. Command line:
-    python -m minidiffit autoencoder --data=fashion_mnist --data_dir=DIR --out=runs/fashion/ae --minutes=3
+imagenet.prepare and the latent task take it as they take SD's VAE. It trains in train.py's loop as the task
+"autoencoder" (tools/autoencoder_task.py). Introduced in notebooks/07_latent_space.ipynb. Command line:
+    python -m minidiffit train --task=autoencoder --data=fashion_mnist --data_dir=DIR --out=runs/fashion/ae --minutes=3
 """
 
-import dataclasses
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base.config import check, run_command
-from .base.data import load_dataset, save_grid, to_float, to_uint8
-from .base.runtime import check_resumable, check_same_data, dataclass_from_dict, derive_seed, load_checkpoint, save_checkpoint
+from .base.config import check
+from .base.data import to_float, to_uint8
+from .base.runtime import dataclass_from_dict, load_checkpoint, load_weights
 
 # ----------------------------------------------------------------------------
 # Config
@@ -31,31 +28,14 @@ from .base.runtime import check_resumable, check_same_data, dataclass_from_dict,
 
 @dataclass
 class AutoencoderConfig:
-    # the model
     image_channels: int = 1  # channels of the images (Fashion-MNIST: 1, gray)
     latent_channels: int = 4  # channels of the latents (4, as SD's VAE)
     channels: tuple = (16, 32, 32)  # conv widths at 32x32, 16x16, 8x8 (two stride-2 steps: downsampling 4)
-    # the training run
-    data: str = "fashion_mnist"  # the torchvision set it trains on (its training split): fashion_mnist or cifar10
-    data_dir: str = ""  # the data set's root (torchvision's folder); "" = data.py's download cache
-    out: str = "runs/fashion/ae"  # run directory: ckpt.pt (weights, config, step, scale), recon.png
-    iters: int = 100_000  # optimizer steps (--minutes usually stops the run first)
-    minutes: float = 0.0  # wall-clock budget over all resumes (0 = none); then the scale is measured
-    batch: int = 64  # images per step
-    lr: float = 2e-3  # Adam learning rate, constant
     # Choice: L1 as LDM's autoencoders (no LPIPS or GAN term: at 32x32 gray they buy little for their cost).
     loss: str = "l1"  # reconstruction loss, summed over pixels: l1 or l2
     # Choice: LDM's KL weight is 1e-6 against a loss summed over 256x256x3 pixels and 32x32x4 latents; we
     # have 4 pixels per latent value, not 48, and want latents a small diffusion model finds easy, so more.
     kl_weight: float = 1e-4  # weight of the KL(posterior || N(0, I)) penalty, summed over latent values
-    scale_images: int = 10_000  # training images the scale factor is measured on (the first ones; 0 = all)
-    test_images: int = 10_000  # test images the reconstruction PSNR is measured on (the first ones; 0 = all)
-    seed: int = 0  # model init, data order, posterior samples
-    ckpt_every: int = 500  # steps between checkpoints (one is also written at the end)
-    log_every: int = 100  # steps between progress lines
-
-    # Settings that may change when a run resumes; the others define it (runtime.check_resumable).
-    RESUMABLE = ("out", "data_dir", "iters", "minutes", "ckpt_every", "log_every", "test_images")
 
     def __post_init__(self):
         self.channels = tuple(self.channels)
@@ -65,15 +45,8 @@ class AutoencoderConfig:
               f"--channels={','.join(map(str, self.channels))}: three positive widths (32x32, 16x16, 8x8), e.g. 32,64,64")
         check(all(c % 8 == 0 for c in self.channels), "--channels: multiples of 8 (GroupNorm with 8 groups)")
         check(min(self.image_channels, self.latent_channels) > 0, "--image_channels and --latent_channels must be > 0")
-        check(self.data in ("fashion_mnist", "cifar10"), f"--data={self.data}: choose fashion_mnist or cifar10")
-        for key in ("iters", "batch", "ckpt_every", "log_every"):
-            check(getattr(self, key) > 0, f"--{key}={getattr(self, key)}: must be a positive whole number")
-        check(min(self.minutes, self.scale_images, self.test_images) >= 0,
-              "--minutes, --scale_images and --test_images must be >= 0")
-        check(self.lr > 0 and math.isfinite(self.lr), f"--lr={self.lr}: must be > 0")
         check(self.loss in ("l1", "l2"), f"--loss={self.loss}: choose l1 or l2")
         check(self.kl_weight >= 0, f"--kl_weight={self.kl_weight}: must be >= 0")
-        check(self.out != "" and not self.out.endswith(".pt"), f"--out={self.out}: a run directory (it holds ckpt.pt)")
 
 
 # ----------------------------------------------------------------------------
@@ -237,112 +210,17 @@ class AutoencoderVAE(nn.Module):
 
 
 def load_autoencoder(path, device="cpu"):
-    """(Autoencoder in eval mode, measured scale) from a ckpt.pt that `python -m minidiffit autoencoder` wrote."""
+    """(Autoencoder in eval mode, measured scale) from the ckpt.pt of a `train --task=autoencoder` run (or of the
+    older `python -m minidiffit autoencoder`, whose config says kind "autoencoder" and which kept no EMA)."""
     ckpt = load_checkpoint(path, what="autoencoder checkpoint")
-    if ckpt["config"].get("kind") != "autoencoder":
-        raise ValueError(f"{path} is not an autoencoder checkpoint (it is a {ckpt['config'].get('task', '?')!r} training "
-                         f"run); pass the ckpt.pt of `python -m minidiffit autoencoder --out=DIR`")
+    config = ckpt["config"]
+    if "autoencoder" not in (config.get("task"), config.get("kind")):
+        raise ValueError(f"{path} is not an autoencoder checkpoint (it is a {config.get('task', '?')!r} training "
+                         f"run); pass the ckpt.pt of `python -m minidiffit train --task=autoencoder --out=DIR`")
     if ckpt.get("scale") is None:
         raise ValueError(f"autoencoder {path} has no measured scale factor yet (its run stopped before the end); rerun "
-                         f"`python -m minidiffit autoencoder` with the same settings to finish it")
-    cfg = dataclass_from_dict(AutoencoderConfig, ckpt["config"])
-    model = Autoencoder(cfg)
-    model.load_state_dict(ckpt["model"])
+                         f"`python -m minidiffit train --task=autoencoder` with the same settings to finish it")
+    model = Autoencoder(dataclass_from_dict(AutoencoderConfig, config))
+    # The weights the loop evaluates: its EMA (autoencoder_task turns the average off, so it equals the weights)
+    load_weights(model, ckpt["ema"] if "ema" in ckpt else ckpt["model"], path, what="autoencoder checkpoint")
     return model.to(device).eval().requires_grad_(False), ckpt["scale"]
-
-
-def _config_dict(cfg):
-    return {**dataclasses.asdict(cfg), "kind": "autoencoder"}  # `kind`: what load_autoencoder checks for
-
-
-# ----------------------------------------------------------------------------
-# Training: resumable, deterministic given the seed; then the scale, a grid and the test PSNR
-
-
-def train_autoencoder(cfg: AutoencoderConfig, log=None):
-    """Train (or resume) the autoencoder in cfg.out, then measure its scale; returns the final checkpoint dict.
-
-    Every step reseeds its random draws from (seed, step) and the data order is a permutation per epoch
-    seeded by (seed, epoch), so a killed run resumed from its checkpoint ends with the same weights.
-    """
-    log = log or (lambda *a: print(*a, flush=True))
-    out, path = Path(cfg.out), Path(cfg.out) / "ckpt.pt"
-    data = load_dataset(cfg.data, cfg.data_dir or None, train=True)
-    data_id = data.fingerprint()  # a resumed run must train on the same images
-    check(data.images.shape[1] == cfg.image_channels,
-          f"--data={cfg.data} has {data.images.shape[1]}-channel images; pass --image_channels={data.images.shape[1]}")
-    check(data.images.shape[-1] % Autoencoder.downsampling == 0 and data.images.shape[-2] % Autoencoder.downsampling == 0,
-          f"{cfg.data} images are {tuple(data.images.shape[-2:])}: the sides must be multiples of 4")
-    torch.manual_seed(cfg.seed)
-    model = Autoencoder(cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step, elapsed, scale = 0, 0.0, None
-    if path.exists():
-        ckpt = load_checkpoint(path, what="autoencoder checkpoint")
-        check_resumable(ckpt["config"], cfg, path)
-        check_same_data(ckpt.get("data"), data_id, path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, elapsed, scale = ckpt["step"], ckpt["elapsed_s"], ckpt.get("scale")
-    budget = cfg.minutes * 60 if cfg.minutes > 0 else math.inf
-    if (step >= cfg.iters or elapsed >= budget) and scale is not None:
-        log(f"{path}: already done (step {step}, scale {scale:.5f}, test PSNR {ckpt.get('psnr', math.nan):.2f} dB); "
-            "nothing to do")
-        return ckpt
-
-    def save(**extra):
-        out.mkdir(parents=True, exist_ok=True)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "elapsed_s": elapsed,
-                 "config": _config_dict(cfg), "data": data_id, "scale": None, **extra}
-        save_checkpoint(state, path)
-        return state
-
-    n = len(data)
-    per_epoch = math.ceil(n / cfg.batch)  # steps per epoch: the last batch of an epoch is short (60000 = 937 x 64 + 32)
-    log(f"autoencoder {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M params, {data}, batch {cfg.batch}, "
-        + (f"resuming at step {step}" if step else "from scratch"))
-    t_start, t_log, step_log, losses = time.time() - elapsed, time.time(), step, []
-    model.train()
-    while step < cfg.iters and elapsed < budget:
-        epoch, i = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 1, epoch)))
-        x = to_float(data.images[order[i * cfg.batch:(i + 1) * cfg.batch]])  # (B, 1, 32, 32)
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, 2, step))  # this step's posterior samples
-        loss = autoencoder_loss(model, x, cfg, g).mean()
-        if not math.isfinite(loss.item()):
-            raise ValueError(f"the autoencoder's loss is not finite at step {step + 1} (is --lr={cfg.lr:g} too high?); "
-                             f"the last checkpoint, if any, is kept")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step, elapsed = step + 1, time.time() - t_start
-        losses.append(loss.item())
-        if step % cfg.log_every == 0:
-            now = time.time()
-            ips = (step - step_log) * cfg.batch / max(now - t_log, 1e-9)
-            log(f"step {step} | loss {sum(losses) / len(losses):.2f} | {ips:.0f} img/s | epoch {step * cfg.batch / n:.2f} "
-                f"| elapsed {elapsed:.0f}s")
-            t_log, step_log, losses = now, step, []
-        if step % cfg.ckpt_every == 0:
-            save()
-    save()  # the trained weights first: a kill while measuring below loses no training
-    model.eval()
-    subset = data.images[:cfg.scale_images or n]
-    t0 = time.time()
-    scale = measure_scale(model, subset, seed=cfg.seed)
-    test = load_dataset(cfg.data, cfg.data_dir or None, train=False).images[:cfg.test_images or None]
-    recon = reconstruct(model, test)
-    value = psnr(recon, test)
-    grid = out / "recon.png"
-    save_grid(to_float(torch.cat([test[:16], recon[:16]])), grid, nrow=16)  # originals, then reconstructions
-    log(f"scale factor {scale:.5f} (1 / std of the latents of {len(subset)} training images); test PSNR {value:.2f} dB "
-        f"on {len(test)} images (posterior means, uint8); grid {grid} ({time.time() - t0:.1f}s)")
-    return save(scale=scale, psnr=value)
-
-
-def main(argv=None):
-    run_command("minidiffit autoencoder", __doc__, {"": (lambda a: AutoencoderConfig(), train_autoencoder)}, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -18,6 +18,7 @@ import torch
 
 from .base.data import to_uint8
 from .base.inception import InceptionV3FID, TinyFeatureNet, load_inception, preprocess
+from .base.runtime import progress_bar
 
 __all__ = ["InceptionV3FID", "load_inception", "get_network", "features", "FeatureStats", "feature_statistics",
            "frechet_distance", "kernel_inception_distance", "precision_recall"]
@@ -69,20 +70,23 @@ def as_uint8_nchw(images):
 
 
 @torch.no_grad()
-def features(images, net, batch_size=100):
+def features(images, net, batch_size=100, bar=True):
     """Network features of `images` (one array/tensor, see as_uint8_nchw, or an iterable of such batches).
 
     Returns float32 numpy (N, feature_dim). Runs on the network's device, in float32 (never bf16/TF32).
+    `bar`: a progress bar on a terminal (runtime.progress_bar); callers that feed batches one at a time keep their own.
     """
     device = next(net.parameters()).device
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        images = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    total = len(images) if isinstance(images, (np.ndarray, torch.Tensor)) else None
+    if total is not None:
+        images = [images[i : i + batch_size] for i in range(0, total, batch_size)]
     out = []
-    with _full_float32():
+    with _full_float32(), progress_bar(total=total, desc="FID features", unit="img", enabled=bar) as progress:
         for batch in images:
             x = as_uint8_nchw(batch).to(device)
             for i in range(0, len(x), batch_size):
                 out.append(net(preprocess(x[i : i + batch_size], net.input_size)).float().cpu().numpy())
+            progress.update(len(x))
     return np.concatenate(out) if out else np.zeros((0, net.feature_dim), np.float32)
 
 

@@ -1,9 +1,10 @@
 """The training loop: EDM's recipe for the image-space DiffiT, DiT's for the latent one (DiffiT Sec. 4, App. I).
 
-One loop for every task (minidiffit/tools/tasks.py: edm, latent), in three named steps that notebook 05 calls one by one:
-`setup` (build or resume), `train_step` (one optimizer step: accumulation, Adam, EMA) and `save_state`
-(grid, log line, atomic checkpoint). Adam with lr warm-up, an EMA with EDM's half-life ramp, DDP through
-torchrun, exact resume, divergence stops. Introduced in notebooks/05_train_cifar10.ipynb.
+One loop for every task (minidiffit/tools/tasks.py: edm, latent, autoencoder), in three named steps that notebook
+05 calls one by one: `setup` (build or resume), `train_step` (one optimizer step: accumulation, Adam, EMA) and
+`save_state` (grid, log line, atomic checkpoint); `train` runs them, then the task's `finish` if it has one.
+Adam with lr warm-up, an EMA with EDM's half-life ramp, DDP through torchrun, exact resume, divergence stops,
+a lock on the run directory, Ctrl-C that says where it stopped. Introduced in notebooks/05_train_cifar10.ipynb.
 """
 
 import contextlib
@@ -11,6 +12,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import torch.nn as nn
 
 from .base.data import save_grid
 from .base.runtime import (atomic_write, check_resumable, check_same_data, derive_seed, finite, init_process, load_checkpoint,
-                      num_parameters, save_checkpoint)
+                           load_weights, num_parameters, progress_bar, run_lock, save_checkpoint)
 
 # ----------------------------------------------------------------------------
 # The schedule: lr warm-up and EMA (EDM training_loop, written from its formulas)
@@ -41,7 +43,10 @@ def ema_beta(cur_nimg, batch, halflife_kimg=500, rampup=0.05):
 
     beta = 0.5 ** (batch / halflife_nimg): after `halflife_nimg` images an old weight counts half. The
     ramp keeps the average short early on, so the EMA is never dominated by the random initialisation.
+    A half-life of 0 gives beta 0: no average, the EMA is a copy of the weights.
     """
+    if halflife_kimg <= 0:
+        return 0.0
     halflife_nimg = halflife_kimg * 1000
     if rampup:  # None or 0: a constant half-life (a fixed beta, e.g. DiT's 0.9999)
         halflife_nimg = min(halflife_nimg, cur_nimg * rampup)
@@ -103,7 +108,7 @@ class Diverged(ValueError):
 class Run:
     """Everything a training run holds between steps."""
     cfg: object  # the task's Config
-    task: object  # the task module (edm_task, latent_task)
+    task: object  # the task module (edm_task, latent_task, autoencoder_task)
     model: nn.Module  # the weights the optimizer updates
     ema: nn.Module  # their exponential moving average (what is sampled and evaluated)
     optimizer: torch.optim.Optimizer
@@ -137,11 +142,17 @@ def fast_path(flag, device):
     return device.type == "cuda" if flag is None else flag
 
 
+def _check_out(cfg):
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise NotADirectoryError(f"--out={cfg.out} is a file; a run directory is needed (it holds ckpt.pt and grids)")
+
+
 def setup(task, cfg, log=None):
     """Build the run of `task` with settings `cfg` (model, EMA, optimizer, data), resuming cfg.out/ckpt.pt when
     it exists. A task is a module with build_model, loss, generate, load_data (minidiffit/tools/edm_task.py).
 
     Refuses a checkpoint of another run (other settings, or other data: its fingerprint), before any work."""
+    _check_out(cfg)
     rank, world, device, log = init_process(log)
     cuda = device.type == "cuda"
     if cfg.batch % (world * cfg.accum):
@@ -153,8 +164,6 @@ def setup(task, cfg, log=None):
     data = task.load_data(cfg)
     run = Run(cfg, task, model, ema, optimizer, data, rank=rank, world=world, device=device, log=log)
     path = run.out / "ckpt.pt"
-    if run.out.exists() and not run.out.is_dir():
-        raise NotADirectoryError(f"--out={cfg.out} is a file; a run directory is needed (it holds ckpt.pt and grids)")
     if rank == 0:  # writes that a kill interrupted (runtime.atomic_write's temporaries): never read, only litter
         for tmp in run.out.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -166,12 +175,8 @@ def setup(task, cfg, log=None):
                              f"state to resume; pass --out=<a new directory> to start a new run")
         check_resumable(ckpt["config"], cfg, path)
         check_same_data(ckpt.get("data"), data.fingerprint(), path)
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-        except RuntimeError as e:
-            raise ValueError(f"checkpoint {path} does not fit the model built from the same settings (has the model "
-                             f"code changed?): {str(e).splitlines()[0][:200]}") from None
+        load_weights(model, ckpt["model"], path)
+        load_weights(ema, ckpt["ema"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
         run.step, run.elapsed = ckpt["step"], ckpt["elapsed_s"]
         if rank == 0:
@@ -295,9 +300,27 @@ def _fmt_time(s):
 
 
 def train(task, cfg, log=None):
-    """Train (or resume) `task`'s run in cfg.out until cfg.iters steps or cfg.minutes; returns the final step."""
-    run = setup(task, cfg, log)
-    log = run.log
+    """Train (or resume) `task`'s run in cfg.out until cfg.iters steps or cfg.minutes, then run the task's
+    `finish(run)` if it has one (the autoencoder measures its latent scale there); returns the final step.
+
+    cfg.out is locked meanwhile (runtime.run_lock): a second run on it is refused, naming this one's pid. A run
+    that ends with a non-finite loss raises Diverged and writes no checkpoint; Ctrl-C raises a KeyboardInterrupt
+    whose message says where the run stopped (config.run_command prints it as one line, exit code 130)."""
+    _check_out(cfg)
+    # Rank 0 locks for every rank (setup has not joined the process group yet: torchrun's RANK says which we are);
+    # the lock comes first, so a refused run reads nothing and deletes none of the live run's temporaries.
+    with run_lock(cfg.out) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext():
+        run = setup(task, cfg, log)
+        _loop(run)
+        if hasattr(run.task, "finish") and run.rank == 0:  # after-training work: rank 0, on the saved weights
+            run.task.finish(run)
+        if run.world > 1:
+            dist.barrier()
+    return run.step
+
+
+def _loop(run):
+    cfg, log = run.cfg, run.log
     # Choice: --minutes is a budget for the whole run, summed over resumes (saved as elapsed_s), so a killed
     # 30-minute run that is restarted trains for what is left, and rerunning a finished one does nothing.
     budget = cfg.minutes * 60 if cfg.minutes > 0 else math.inf
@@ -307,43 +330,64 @@ def train(task, cfg, log=None):
 
     if finished():
         log(f"{run.out}: already done (step {run.step}/{cfg.iters}, {_fmt_time(run.elapsed)} of budget {cfg.minutes:g} min); nothing to do")
-        return run.step
+        return
     order = DataOrder(len(run.data), cfg.seed)
     n_params = num_parameters(run.model)
-    log(f"task {cfg.task}, preset {cfg.preset} ({n_params / 1e6:.2f}M params), data {run.data}, device {run.device} x {run.world}, "
+    preset = f", preset {cfg.preset}" if hasattr(cfg, "preset") else ""
+    log(f"task {cfg.task}{preset} ({n_params / 1e6:.2f}M params), data {run.data}, device {run.device} x {run.world}, "
         f"batch {cfg.batch} = {run.world} ranks x {cfg.accum} rounds x {run.micro}, bf16 {fast_path(cfg.bf16, run.device)}, compile {fast_path(cfg.compile, run.device)}")
     t_start = time.time() - run.elapsed  # so that time.time() - t_start is the training time summed over resumes
     t_log, step_log, losses, ckpt_losses, due = time.time(), run.step, [], [], False
-    while not finished():
-        loss = train_step(run, order)
-        elapsed = time.time() - t_start
-        if run.world > 1:  # rank 0's clock decides the budget for every rank
-            clock = torch.tensor(elapsed if run.rank == 0 else 0.0, device=run.device)
-            dist.all_reduce(clock)
-            elapsed = float(clock)
-        run.elapsed = elapsed
-        losses.append(loss)
-        ckpt_losses.append(loss)
-        if run.step % cfg.log_every == 0 or finished():
+    saved = run.step if (run.out / "ckpt.pt").exists() else None  # the step of the checkpoint on disk
+    bar = progress_bar(total=cfg.iters, initial=run.step, desc=f"train {cfg.task}", unit="step", enabled=run.rank == 0)
+    t_bar, step_bar = time.time(), run.step
+    try:
+        while not finished():
+            loss = train_step(run, order)
+            elapsed = time.time() - t_start
+            if run.world > 1:  # rank 0's clock decides the budget for every rank
+                clock = torch.tensor(elapsed if run.rank == 0 else 0.0, device=run.device)
+                dist.all_reduce(clock)
+                elapsed = float(clock)
+            run.elapsed = elapsed
+            losses.append(loss)
+            ckpt_losses.append(loss)
             now = time.time()
-            ips = (run.step - step_log) * cfg.batch / max(now - t_log, 1e-9)
+            ips = (run.step - step_bar) * cfg.batch / max(now - t_bar, 1e-9)  # since the bar started: smooth
             eta = min((cfg.iters - run.step) * cfg.batch / max(ips, 1e-9), budget - run.elapsed)
-            log(f"step {run.step}/{cfg.iters} | loss {np.mean(losses):.4f} | {ips:.1f} img/s | kimg {run.step * cfg.batch / 1000:.1f} "
-                f"| lr {learning_rate(cfg, (run.step - 1) * cfg.batch):.2e} | elapsed {_fmt_time(run.elapsed)} | ETA {_fmt_time(max(eta, 0))}")
-            t_log, step_log, losses = now, run.step, []
-        # Choice: a checkpoint that falls due while the loss is not finite waits for the next finite step, so a run
-        # that goes on to diverge keeps the checkpoint from before its trouble began (the end of a run always saves).
-        due = due or run.step % cfg.ckpt_every == 0
-        if (due and run.bad_steps == 0) or finished():
-            due = False
-            t0 = time.time()
-            good = [v for v in ckpt_losses if math.isfinite(v)]
-            record = {"step": run.step, "kimg": run.step * cfg.batch / 1000, "loss": finite(np.mean(good)) if good else None,
-                      "nonfinite_steps": len(ckpt_losses) - len(good), "lr": learning_rate(cfg, (run.step - 1) * cfg.batch),
-                      "elapsed_s": round(run.elapsed, 1), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            save_state(run, record)
-            log(f"checkpoint {run.out / 'ckpt.pt'} at step {run.step}" + (f", grid {record['grid']}" if "grid" in record else "")
-                + f" ({time.time() - t0:.1f}s)")
-            ckpt_losses = []
+            bar.set_postfix_str(f"loss {loss:.4f} | {ips:.1f} img/s | ETA {_fmt_time(max(eta, 0))}", refresh=False)
+            bar.update(1)
+            if run.step % cfg.log_every == 0 or finished():
+                ips = (run.step - step_log) * cfg.batch / max(now - t_log, 1e-9)
+                eta = min((cfg.iters - run.step) * cfg.batch / max(ips, 1e-9), budget - run.elapsed)
+                with bar.external_write_mode():
+                    log(f"step {run.step}/{cfg.iters} | loss {np.mean(losses):.4f} | {ips:.1f} img/s | kimg {run.step * cfg.batch / 1000:.1f} "
+                        f"| lr {learning_rate(cfg, (run.step - 1) * cfg.batch):.2e} | elapsed {_fmt_time(run.elapsed)} | ETA {_fmt_time(max(eta, 0))}")
+                t_log, step_log, losses = now, run.step, []
+            if finished() and run.bad_steps:
+                # Choice: a run whose last steps had no finite loss is a failure, not a result to save and sample.
+                raise Diverged(f"the run ended at step {run.step} with a non-finite loss for its last {run.bad_steps} "
+                               f"steps (is --lr={cfg.lr:g} too high?). {_last_good(run)}")
+            # Choice: a checkpoint that falls due while the loss is not finite waits for the next finite step, so a run
+            # that goes on to diverge keeps the checkpoint from before its trouble began (the end of a run always saves).
+            due = due or run.step % cfg.ckpt_every == 0
+            if (due and run.bad_steps == 0) or finished():
+                due = False
+                t0 = time.time()
+                good = [v for v in ckpt_losses if math.isfinite(v)]
+                record = {"step": run.step, "kimg": run.step * cfg.batch / 1000, "loss": finite(np.mean(good)) if good else None,
+                          "nonfinite_steps": len(ckpt_losses) - len(good), "lr": learning_rate(cfg, (run.step - 1) * cfg.batch),
+                          "elapsed_s": round(run.elapsed, 1), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                save_state(run, record)
+                saved = run.step
+                with bar.external_write_mode():
+                    log(f"checkpoint {run.out / 'ckpt.pt'} at step {run.step}" + (f", grid {record['grid']}" if "grid" in record else "")
+                        + f" ({time.time() - t0:.1f}s)")
+                ckpt_losses = []
+    except KeyboardInterrupt:
+        kept = (f"its checkpoint {run.out / 'ckpt.pt'} holds step {saved}: the same command resumes from there"
+                if saved is not None else "no checkpoint was written yet: the same command starts it again")
+        raise KeyboardInterrupt(f"interrupted at step {run.step}; {kept}") from None
+    finally:
+        bar.close()
     log(f"done: step {run.step}, {run.step * cfg.batch / 1000:.1f} kimg, {_fmt_time(run.elapsed)} trained; {run.out / 'ckpt.pt'}")
-    return run.step

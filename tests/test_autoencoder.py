@@ -1,6 +1,7 @@
-"""Our KL autoencoder (autoencoder.py): shapes, training that reconstructs, the measured scale factor, resume,
-load_vae on its ckpt.pt, the command line; then Fashion-MNIST latents through it (imagenet.prepare --data=...)
-and back to images at sampling time (latent_task). Real-data tests skip without a Fashion-MNIST copy."""
+"""Our KL autoencoder (autoencoder.py) and its task (tools/autoencoder_task.py): shapes, training that reconstructs,
+the measured scale factor, resume through train.py's loop, load_vae on its ckpt.pt, the command line; then
+Fashion-MNIST latents through it (imagenet.prepare --data=...) and back to images at sampling time (latent_task).
+Real-data tests skip without a Fashion-MNIST copy; the loop's tests on the synthetic set always run."""
 
 import json
 import os
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidiffit.tools import latent_task
+from minidiffit.tools import autoencoder_task, latent_task
+from minidiffit.tools.tasks import main as train_main
 from minidiffit.autoencoder import (Autoencoder, AutoencoderConfig, AutoencoderVAE, autoencoder_loss, kl_divergence,
-                                    main, measure_scale, psnr, reconstruct)
+                                    load_autoencoder, measure_scale, psnr, reconstruct)
 from minidiffit.base.data import load_dataset, synthetic_dataset, to_float
 from minidiffit.tools.imagenet import LatentShardDataset, PrepareConfig, prepare
 from minidiffit.base.runtime import load_checkpoint
@@ -37,9 +39,19 @@ def small_cfg(out, **kw):
                 ckpt_every=10, log_every=10, **kw)
 
 
+def main(args):
+    train_main(["--task=autoencoder", "--compile=false", *args])
+
+
 def cli(cfg):
     main([f"--{k}={v}" for k, v in cfg.items()])
     return load_checkpoint(Path(cfg["out"]) / "ckpt.pt")
+
+
+def synthetic_cfg(out, **kw):
+    """The same short run on the synthetic set (gray discs): no download, so these tests always run."""
+    return dict(data="synthetic", num_data=48, out=str(out), channels="8,16,16", batch=16, scale_images=48,
+                test_images=20, ckpt_every=5, log_every=5, grid=4, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +103,7 @@ def test_scale_is_one_over_the_std_of_the_latents():
 @needs_fashion
 def test_a_few_hundred_steps_reconstruct_real_images(fashion):
     train, test = fashion
-    cfg = AutoencoderConfig()
+    cfg = autoencoder_task.Config()  # the task's defaults: the model's and lr 2e-3
     torch.manual_seed(0)
     model = Autoencoder(cfg)
     before = reconstruct(model.eval(), test.images[:200])
@@ -116,7 +128,7 @@ def test_a_few_hundred_steps_reconstruct_real_images(fashion):
 @needs_fashion
 def test_run_stores_the_measured_scale_grid_and_psnr(run, fashion):
     out, ckpt = run
-    assert {"model", "config", "step", "optimizer", "scale", "psnr", "data"} <= set(ckpt) and ckpt["step"] == 20
+    assert {"model", "ema", "config", "step", "optimizer", "scale", "psnr", "data"} <= set(ckpt) and ckpt["step"] == 20
     assert (out / "recon.png").is_file() and ckpt["psnr"] > 5
     model = Autoencoder(AutoencoderConfig(channels=(8, 16, 16))).eval()
     model.load_state_dict(ckpt["model"])
@@ -149,7 +161,7 @@ def test_resumed_run_equals_a_straight_run_and_a_finished_one_does_nothing(run, 
 def test_bad_input_is_one_line_and_exit_2(capsys):
     for args, message in [(["--lr=-1"], "--lr=-1.0: must be > 0"), (["--channels=8,16"], "three positive widths"),
                           (["--loss=l3"], "choose l1 or l2"), (["--btach=3"], "unknown config key 'btach'"),
-                          (["--data=mnist"], "--data=mnist: choose fashion_mnist or cifar10")]:
+                          (["--data=mnist"], "--data=mnist: choose fashion_mnist, cifar10 or synthetic")]:
         with pytest.raises(SystemExit) as e:
             main(args)
         err = capsys.readouterr().err
@@ -172,7 +184,7 @@ def test_load_vae_round_trips_the_checkpoint(run, fashion, tmp_path):
     torch.testing.assert_close(same.encode(x, sample=False), vae.encode(x, sample=False), rtol=0, atol=0)
     with pytest.raises(ValueError, match="retrained"):  # latents made with another scale: another autoencoder
         load_vae(VAEConfig(source=str(out / "ckpt.pt"), scale=0.5))
-    with pytest.raises(FileNotFoundError, match="minidiffit.autoencoder"):
+    with pytest.raises(FileNotFoundError, match="no autoencoder checkpoint"):
         load_vae(VAEConfig(source=str(tmp_path / "none.pt")))
 
 
@@ -215,3 +227,46 @@ def test_prepare_fashion_mnist_latents_and_decode_them(run, fashion, tmp_path, c
     images = latent_task.decode(decoder, stored[:5, 0])
     assert images.shape == (5, 1, 32, 32)
     torch.testing.assert_close(images, vae.decode(stored[:5, 0]).clamp(-1, 1))
+
+
+# ----------------------------------------------------------------------------
+# The task in train.py's loop, on the synthetic set: the checkpoint load_vae reads, resume, the old command name
+
+
+def test_the_task_trains_in_the_loop_and_stores_what_load_vae_reads(tmp_path, capsys):
+    ckpt = cli(synthetic_cfg(tmp_path / "a", iters=10))
+    assert ckpt["step"] == 10 and ckpt["config"]["task"] == "autoencoder" and ckpt["psnr"] > 5
+    for name, value in ckpt["model"].items():  # no EMA by default: the loop's EMA is a copy of the weights
+        torch.testing.assert_close(ckpt["ema"][name], value, rtol=0, atol=0, msg=name)
+    assert (tmp_path / "a" / "recon.png").is_file() and (tmp_path / "a" / "grid_0000010.png").is_file()
+    model, scale = load_autoencoder(tmp_path / "a" / "ckpt.pt")
+    assert scale == ckpt["scale"] and model.cfg == AutoencoderConfig(channels=(8, 16, 16))
+    images = synthetic_dataset(num=48, resolution=32, channels=1).images  # the training set: the scale is measured on it
+    assert measure_scale(model, images, seed=0) == pytest.approx(scale, rel=1e-6)
+    vae = load_vae(VAEConfig(source=str(tmp_path / "a" / "ckpt.pt")))
+    assert isinstance(vae, AutoencoderVAE) and vae.scale == scale
+
+
+def test_the_task_resumes_bit_exactly_and_the_old_command_name_is_the_same_thing(tmp_path, capsys):
+    from minidiffit.__main__ import main as dispatch
+
+    cli(synthetic_cfg(tmp_path / "r", iters=5))
+    assert load_checkpoint(tmp_path / "r" / "ckpt.pt")["scale"] is not None
+    resumed = cli(synthetic_cfg(tmp_path / "r", iters=12))  # trains on: the scale is measured again at the end
+    dispatch(["autoencoder", *[f"--{k}={v}" for k, v in synthetic_cfg(tmp_path / "s", iters=12).items()]])
+    straight = load_checkpoint(tmp_path / "s" / "ckpt.pt")
+    assert resumed["step"] == straight["step"] == 12
+    for name, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0, msg=name)
+    assert resumed["scale"] == straight["scale"] and resumed["psnr"] == straight["psnr"]
+
+
+def test_a_run_killed_before_measuring_measures_when_rerun(tmp_path, capsys):
+    cli(synthetic_cfg(tmp_path / "k", iters=5))
+    path = tmp_path / "k" / "ckpt.pt"
+    ckpt = load_checkpoint(path)
+    torch.save({**ckpt, "scale": None, "psnr": None}, path)  # as a kill between the last save and the scale leaves it
+    with pytest.raises(ValueError, match="no measured scale"):
+        load_autoencoder(path)
+    again = cli(synthetic_cfg(tmp_path / "k", iters=5))
+    assert "already done" in capsys.readouterr().out and again["scale"] == ckpt["scale"]

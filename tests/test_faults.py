@@ -147,7 +147,7 @@ def test_nonfinite_weights_are_never_checkpointed(trained, tmp_path, monkeypatch
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] = float("nan")
 
-    monkeypatch.setattr(T, "ema_update", poisoned)
+    monkeypatch.setattr(loop, "ema_update", poisoned)
     code, err = cli(T.main, TINY + [f"--out={out}", "--iters=5", "--ckpt_every=1"], capsys)
     assert_one_line_error(code, err, "minidiffit train", "weights are no longer finite at step 3", out / "ckpt.pt")
     assert (out / "ckpt.pt").read_bytes() == before
@@ -332,3 +332,55 @@ def test_sigkill_while_sampling_then_resume_is_bit_identical(sample_ckpt, tmp_pa
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     assert files == {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()}  # no temporary left either
     assert fid.image_batches(out)[1] == 8
+
+
+# ----------------------------------------------------------------------------
+# A run that ends inside a non-finite streak fails; Ctrl-C is one line; a live run's folder is locked
+
+
+def test_a_run_ending_with_a_nonfinite_loss_fails_and_saves_nothing(tmp_path, capsys):
+    # lr 1e3: the loss is not finite from the first steps on, and max_bad_steps is never reached before the end
+    args = TINY + ["--lr=1e3", "--warmup_kimg=0", "--max_bad_steps=100", "--iters=15", f"--out={tmp_path / 'run'}"]
+    code, err = cli(T.main, args, capsys)
+    assert_one_line_error(code, err, "minidiffit train", "ended at step 15 with a non-finite loss", "--lr=1000",
+                          "No checkpoint was written")
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_ctrl_c_ends_training_with_one_line_and_the_same_command_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "minidiffit", "train", *TINY, f"--out={out}", "--iters=100000", "--ckpt_every=2"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: (out / "ckpt.pt").exists(), proc)
+    assert json.loads((out / ".lock").read_text())["pid"] == proc.pid  # the live run holds its folder
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("minidiffit train: interrupted at step ") and "the same command resumes" in lines[0]
+    assert not (out / ".lock").exists()  # released on the way out
+    step = load_checkpoint(out / "ckpt.pt")["step"]
+    assert f"holds step {step}" in lines[0]
+    done = subprocess.run(cmd[:-2] + [f"--out={out}", f"--iters={step + 1}"], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and f"resumed {out / 'ckpt.pt'} at step {step}" in done.stdout, done.stderr
+
+
+def test_a_folder_in_use_by_a_live_run_is_refused_naming_its_pid(tmp_path, capsys):
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        code, err = cli(T.main, TINY + [f"--out={out}", "--iters=1"], capsys)
+        assert_one_line_error(code, err, "minidiffit train", f"in use by another run (pid {other.pid})")
+        assert os.listdir(out) == [".lock"]  # nothing read, nothing written, the live run's lock left alone
+    finally:
+        other.kill()
+        other.wait()
+    # its owner is dead now: the lock is stale and the next run takes it over, then releases it
+    code, err = cli(T.main, TINY + [f"--out={out}", "--iters=1"], capsys)
+    assert code == 0, err
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 1 and not (out / ".lock").exists()

@@ -110,8 +110,9 @@ def run_command(prog, doc, commands, argv=None):
     key such as --task= to choose a config class), `body(cfg)` does the work.
 
     --help prints `doc` and the keys; bad settings, missing or corrupt files and full disks end as
-    `prog: error: ...` with exit code 2 (MINIDIFFIT_DEBUG=1 shows the traceback instead); a process group
-    that torchrun started is closed on the way out.
+    `prog: error: ...` with exit code 2, Ctrl-C as one line `prog: interrupted ...` with exit code 130
+    (MINIDIFFIT_DEBUG=1 shows the traceback instead); a process group that torchrun started is closed on the
+    way out.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     name = argv[0] if argv and argv[0] in commands and argv[0] != "" else ""
@@ -132,6 +133,11 @@ def run_command(prog, doc, commands, argv=None):
             raise
         print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (the loop's says where it stopped), the shell's code 130
+        if os.environ.get("MINIDIFFIT_DEBUG") == "1":
+            raise
+        print(f"{prog}: {error_message(e) or 'interrupted; rerun the same command to start again'}", file=sys.stderr)
+        sys.exit(130)
     finally:
         import torch.distributed as dist
 
@@ -147,7 +153,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npz", ".pt", ".safetensors")  # not
 
 @dataclass
 class RunConfig:
-    task: str = "edm"  # which task: edm (image-space DiffiT, EDM) or latent (latent DiffiT, ADM); see train.py
+    task: str = "edm"  # which task: edm (image-space DiffiT, EDM), latent (latent DiffiT, ADM) or autoencoder; see tools/tasks.py
     out: str = "runs/train"  # run directory: ckpt.pt, metrics.jsonl, grid_*.png
     data_dir: str | None = None  # where the data is (a dataset root, an image folder, or stored latents)
     iters: int = 200_000  # optimizer steps to train for
@@ -158,7 +164,7 @@ class RunConfig:
     betas: tuple = (0.9, 0.999)  # Adam betas
     eps: float = 1e-8  # Adam epsilon
     warmup_kimg: float = 0.0  # linear lr warm-up over this many thousand images (0 = none)
-    ema_halflife_kimg: float = 500  # EMA half-life in thousands of images
+    ema_halflife_kimg: float = 500  # EMA half-life in thousands of images (0 = no average: the EMA copies the weights)
     ema_rampup: float = 0.05  # EMA half-life is at most this fraction of the images seen so far (0 = no ramp)
     seed: int = 0  # seeds the model init, the data order and every batch's noise
     ckpt_every: int = 5000  # steps between checkpoints (one is also written at the end)
@@ -178,9 +184,10 @@ class RunConfig:
     def validate(self):
         for key in ("iters", "batch", "accum", "ckpt_every", "log_every", "sample_steps", "max_bad_steps"):
             check(getattr(self, key) > 0, f"--{key}={getattr(self, key)}: must be a positive whole number")
-        for key in ("minutes", "warmup_kimg", "ema_rampup", "grid"):
+        for key in ("minutes", "warmup_kimg", "ema_halflife_kimg", "ema_rampup", "grid"):
             check(getattr(self, key) >= 0, f"--{key}={getattr(self, key)}: must be >= 0")
-        check(self.lr > 0 and self.eps > 0 and self.ema_halflife_kimg > 0, "--lr, --eps and --ema_halflife_kimg must be > 0")
+        for key in ("lr", "eps"):
+            check(getattr(self, key) > 0, f"--{key}={getattr(self, key)}: must be > 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
               f"--betas={','.join(map(str, self.betas))}: Adam takes two values in [0, 1), e.g. --betas=0.9,0.999")
         check(self.out != "" and not self.out.lower().endswith(IMAGE_SUFFIXES),

@@ -7,6 +7,7 @@ reader mistakes for results, and checkpoint loading that names the file when it 
 someone else's. Introduced in notebooks/05_train_cifar10.ipynb.
 """
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -14,6 +15,8 @@ import json
 import math
 import os
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,24 +31,34 @@ def init_process(log=None):
     """(rank, world size, device, log) of this process, for train, sample and prepare alike.
 
     Reads torchrun's environment ((0, 1) without it), joins the process group when there are several
-    ranks (NCCL on CUDA, gloo on the CPU) and turns on TF32 on CUDA. `log` becomes a no-op on ranks > 0
-    (only rank 0 talks) and `print` when None.
+    ranks (NCCL on CUDA, gloo on the CPU) on the device `select_device` picks. `log` becomes a no-op on
+    ranks > 0 (only rank 0 talks) and `print` when None.
     """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    device = select_device()
     if world > 1 and not dist.is_initialized():
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:  # Choice: TF32 matmuls/convs; DESIGN.md Sec. 6 speed settings, CUDA only
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if rank != 0:
         log = lambda *a: None  # noqa: E731
     elif log is None:
         log = lambda *a: print(*a, flush=True)  # noqa: E731
     return rank, world, device, log
+
+
+def select_device(name=""):
+    """The device an entry point computes on: `name` when given ("cpu", "cuda:1"), else this rank's GPU
+    (cuda:LOCAL_RANK) when CUDA is available, else the CPU. The one place that turns on TF32 on CUDA.
+
+    # Choice: TF32 matmuls/convs on CUDA (DESIGN.md Sec. 6 speed settings); FID's network turns it off while
+    # it runs (fid._full_float32), because FID is defined in float32.
+    """
+    device = torch.device(name or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 def barrier():
@@ -69,29 +82,6 @@ def image_generators(seeds):
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def seeded_noise(seeds, shape, device="cpu", generators=None):
-    """(N, *shape) initial noise, image i from its own generator (`image_generators(seeds)` when not given)."""
-    generators = image_generators(seeds) if generators is None else generators
-    return randn((len(generators), *shape), generators, device)
-
-
-# ----------------------------------------------------------------------------
-# Parameters
-
-
-def num_parameters(model):
-    """Trainable parameters of a module, a tensor that two modules share counted once (the count papers report:
-    DiT-XL/2's and DiffiT's 561M exclude the fixed position embedding, a Parameter with requires_grad=False)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# ----------------------------------------------------------------------------
-# Files: written whole or not at all
-
-
-def temporary_path(path):
-    """Where `atomic_write` stages `path`: hidden, ending in .tmp, so no reader (fid's image lister, the
-    latent shard reader, a resumed sampler) ever takes it for a result."""
 def draw(sample, shape, generator=None, device=None, dtype=torch.float32):
     """`sample` (torch.randn or torch.rand) of `shape` from the global RNG (generator None), one torch.Generator,
     or a list of one generator per image (shape[0] of them).
@@ -119,6 +109,29 @@ def rand(shape, generator=None, device=None, dtype=torch.float32):
     return draw(torch.rand, shape, generator, device, dtype)
 
 
+def seeded_noise(seeds, shape, device="cpu", generators=None):
+    """(N, *shape) initial noise, image i from its own generator (`image_generators(seeds)` when not given)."""
+    generators = image_generators(seeds) if generators is None else generators
+    return randn((len(generators), *shape), generators, device)
+
+
+# ----------------------------------------------------------------------------
+# Parameters
+
+
+def num_parameters(model):
+    """Trainable parameters of a module, a tensor that two modules share counted once (the count papers report:
+    DiT-XL/2's and DiffiT's 561M exclude the fixed position embedding, a Parameter with requires_grad=False)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------
+# Files: written whole or not at all
+
+
+def temporary_path(path):
+    """Where `atomic_write` stages `path`: hidden, ending in .tmp, so no reader (fid's image lister, the
+    latent shard reader, a resumed sampler) ever takes it for a result."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
@@ -160,6 +173,105 @@ def finite(x):
     return x if math.isfinite(x) else None
 
 
+LOCK = ".lock"  # hidden: image listers and the shard reader skip it
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(folder):
+    """Hold `folder`/.lock (our pid and host) while the body runs, so a second run on the same folder is refused,
+    naming the live run's pid. A lock whose process is dead (killed, crashed: nothing removed it) is taken over.
+
+    Created with O_EXCL, so of two runs starting at once exactly one wins. Another host's lock cannot be checked
+    (shared disks), so it is refused with the advice to delete it if that run is gone.
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path, me = folder / LOCK, {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):  # a stale lock removed by us and recreated by a third run in between: look again
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text())
+                pid, host = int(owner["pid"]), str(owner["host"])
+            except (OSError, ValueError, KeyError, TypeError):  # half-written by a run killed as it started: stale
+                pid, host = None, me["host"]
+            if host != me["host"]:
+                raise ValueError(f"{folder} is in use by a run on host {host} (pid {pid}); wait for it to end, or, if "
+                                   f"it is gone, delete {path}") from None
+            # Our own pid: a run in this process that ended without releasing (an interrupted notebook cell).
+            if pid is not None and pid != me["pid"] and _pid_alive(pid):
+                raise ValueError(f"{folder} is in use by another run (pid {pid}); wait for it to end or stop it, "
+                                   f"or pass --out=<another directory>") from None
+            path.unlink(missing_ok=True)  # stale: its owner is dead
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    else:
+        raise ValueError(f"could not take the lock {path}: other runs keep creating it")
+    try:
+        yield path
+    finally:
+        try:
+            if json.loads(path.read_text()).get("pid") == me["pid"]:
+                path.unlink()
+            if created:  # a run refused before any work leaves no empty folder behind
+                folder.rmdir()
+        except (OSError, ValueError):  # not empty: the run wrote into it
+            pass
+
+
+# ----------------------------------------------------------------------------
+# Progress bars: on a terminal only
+
+
+class _NoBar:
+    """What `progress_bar` returns when nobody watches: every call does nothing."""
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s="", refresh=True):
+        pass
+
+    def close(self):
+        pass
+
+    def external_write_mode(self):
+        return contextlib.nullcontext()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def progress_bar(total=None, desc=None, unit="it", initial=0, enabled=True):
+    """A tqdm bar on stderr when stderr is a terminal and `enabled` (rank 0), else a bar that does nothing.
+
+    # Choice: never under pytest, nbval, CI or a redirected log (stderr not a tty): there the log lines, one per
+    # interval, are the whole output, as before. Write log lines inside `bar.external_write_mode()`.
+    """
+    if not (enabled and sys.stderr.isatty()):
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True, file=sys.stderr, leave=False)
+
+
 # ----------------------------------------------------------------------------
 # Checkpoints
 
@@ -188,6 +300,17 @@ def load_checkpoint(path, what="checkpoint"):
         raise ValueError(f"{path} is not a minidiffit training checkpoint (it holds {keys}); pass a ckpt.pt written by "
                          f"`python -m minidiffit train` (released weights: sample.py --weights=FILE)")
     return ckpt
+
+
+def load_weights(model, state, path, what="checkpoint"):
+    """model.load_state_dict(state), or a one-line error naming the file whose weights do not fit the model
+    (every path from a checkpoint to a model goes through here: resume, sample, export, the autoencoder)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{what} {path} does not fit the model its settings build (has the model code changed?): "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    return model
 
 
 def dataclass_from_dict(cls, d):

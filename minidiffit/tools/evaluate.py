@@ -10,11 +10,10 @@ import datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..base.config import check, run_command
 from ..base.data import IMAGE_EXTENSIONS, load_dataset, read_image
-from ..base.runtime import atomic_write
+from ..base.runtime import atomic_write, progress_bar, select_device
 from ..fid import FeatureStats, features, feature_statistics, frechet_distance, get_network, precision_recall
 
 
@@ -148,7 +147,7 @@ class RefConfig:
 
 
 def _network(cfg):
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device(cfg.device)  # TF32 does not reach FID: features() runs the network in full float32
     return get_network(cfg.network, device=device), device
 
 
@@ -177,10 +176,12 @@ def evaluate(cfg):
     else:
         batches, n = image_batches(cfg.samples, cfg.batch, cfg.num)
         stats, kept = FeatureStats(), []
-        for batch in batches:
-            f = features(batch, net, cfg.batch)
-            stats.update(f)
-            kept.append(f)
+        with progress_bar(total=n, desc="FID features", unit="img") as bar:
+            for batch in batches:
+                f = features(batch, net, cfg.batch, bar=False)
+                stats.update(f)
+                kept.append(f)
+                bar.update(len(f))
         mean_cov, fake = stats.mean_cov(), np.concatenate(kept)
     if ref["mu"] is None or (cfg.pr and ref["features"] is None and ref["images"] is not None):
         ref["features"] = features(ref["images"], net, cfg.batch)  # ADM's reference batch: its images

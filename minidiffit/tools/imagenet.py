@@ -11,7 +11,6 @@ same on Fashion-MNIST with our autoencoder.py. Introduced in notebooks/09_imagen
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from PIL import Image
 
 from ..base.config import check, run_command
 from ..base.data import list_image_folder, load_dataset, read_image, to_float
-from ..base.runtime import atomic_write, barrier, fingerprint, init_process, write_json
+from ..base.runtime import atomic_write, barrier, fingerprint, init_process, progress_bar, select_device, write_json
 from .vae import VAEConfig, load_vae, vae_shape
 
 MANIFEST = "manifest.json"
@@ -207,8 +206,7 @@ def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
     mine = range(rank, len(plan["shards"]), world_size)  # rank r owns shards r, r + world_size, ...
     todo = [s for s in mine if not (out / plan["shards"][s]["file"]).exists()]
     if todo:
-        local = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-        device = torch.device(cfg.device or local)
+        device = select_device(cfg.device)
         if vae is None:
             vae = load_vae(VAEConfig(source=cfg.vae), device)
         # A LatentVAE or AutoencoderVAE honours cfg.sample_posterior; any other encoder (tests) is called as encode(x).
@@ -240,6 +238,7 @@ def _encode_shards(cfg, plan, todo, dataset, encode, device, out, rank):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b for _, b in batches], pin_memory=device.type == "cuda",
                                          num_workers=cfg.num_workers if cfg.data == "folder" else 0)  # else: in memory
     parts = []
+    bar = progress_bar(total=sum(len(b) for _, b in batches), desc="prepare", unit="img", enabled=rank == 0)
     for (s, indices), (x, y) in zip(batches, loader):
         x = to_float(x.to(device, non_blocking=True))  # (B, C, H, W) in [-1, 1]
         # Choice: store one posterior sample, as fast-DiT's feature extraction does (DiT, encoding on the
@@ -258,7 +257,10 @@ def _encode_shards(cfg, plan, todo, dataset, encode, device, out, rank):
             record = {"latents": latents, "labels": labels, "start": shard["start"]}
             atomic_write(out / shard["file"], lambda f: torch.save(record, f))
             parts = []
-            _log(rank, f"wrote {shard['file']} ({shard['count']} images)", every_rank=True)
+            with bar.external_write_mode():
+                _log(rank, f"wrote {shard['file']} ({shard['count']} images)", every_rank=True)
+        bar.update(len(indices))
+    bar.close()
 
 
 def _log(rank, text, every_rank=False):

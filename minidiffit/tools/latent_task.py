@@ -22,7 +22,7 @@ from ..base.config import RunConfig, check, run_command
 from .imagenet import MANIFEST, LatentShardDataset, read_manifest
 from ..latent import LATENT_PRESETS, Guidance, LatentDiffiT, default_guidance
 from .released import load_released, read_metadata, save_safetensors
-from ..base.runtime import dataclass_from_dict, image_generators, load_checkpoint, seeded_noise
+from ..base.runtime import dataclass_from_dict, image_generators, load_checkpoint, load_weights, seeded_noise
 from .vae import SD_VAE_SCALE, VAEConfig, load_vae
 
 DIFFUSION = GaussianDiffusion()  # the 1000-step training diffusion (linear betas; DESIGN.md Sec. 4)
@@ -247,8 +247,7 @@ def export(ckpt, out, use_ema=True):
     if saved["config"].get("task") != "latent":
         raise ValueError(f"{ckpt} is a {saved['config'].get('task')!r} run; export takes latent DiffiT checkpoints")
     cfg = dataclass_from_dict(Config, saved["config"])
-    model = build_model(cfg)
-    model.load_state_dict(saved["ema" if use_ema else "model"])
+    model = load_weights(build_model(cfg), saved["ema" if use_ema else "model"], ckpt)
     source, scale = vae_source(cfg)
     meta = {"preset": cfg.preset, "vae": source, "vae_scale": repr(scale)}
     g = run_guidance(cfg, model.cfg)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..base.config import check, run_command
 from ..base.data import save_grid, save_png, to_float, to_uint8
-from ..base.runtime import atomic_write, barrier, init_process, write_json
+from ..base.runtime import atomic_write, barrier, init_process, progress_bar, write_json
 from .tasks import build_from_checkpoint, get_task
 
 
@@ -135,15 +135,26 @@ def sample(scfg, log=None):
     if kind == "dir" and rank == 0:
         log(f"  rank 0 has {len(mine)} images to make (existing PNGs are skipped)")
     chunks = []  # npz / grid: uint8 batches, so 50k ImageNet images stay ~10 GB rather than ~40 GB of floats
-    for start in range(0, len(mine), scfg.batch):
-        idx = mine[start:start + scfg.batch]
-        x = to_uint8(generate_images(model, cfg, idx, steps, scfg.batch, **options), quantize)  # (b, C, H, W) uint8
-        if kind == "dir":
-            for i, arr in zip(idx, x.permute(0, 2, 3, 1).numpy()):
-                save_png(arr, out / png_name(i))
-        else:
-            chunks.append(x)
-        log(f"  {start + len(idx)}/{len(mine)} images on rank 0")
+    bar, done = progress_bar(total=len(mine), desc="sample", unit="img", enabled=rank == 0), 0
+    try:
+        for start in range(0, len(mine), scfg.batch):
+            idx = mine[start:start + scfg.batch]
+            x = to_uint8(generate_images(model, cfg, idx, steps, scfg.batch, **options), quantize)  # (b, C, H, W) uint8
+            if kind == "dir":
+                for i, arr in zip(idx, x.permute(0, 2, 3, 1).numpy()):
+                    save_png(arr, out / png_name(i))
+            else:
+                chunks.append(x)
+            done = start + len(idx)
+            bar.update(len(idx))
+            with bar.external_write_mode():
+                log(f"  {done}/{len(mine)} images on rank 0")
+    except KeyboardInterrupt:
+        kept = ("its PNGs are kept: the same command makes the rest" if kind == "dir" else
+                f"nothing was written to {out}: the same command starts again")
+        raise KeyboardInterrupt(f"interrupted after {done} of {len(mine)} images; {kept}") from None
+    finally:
+        bar.close()
     if kind == "grid":
         save_grid(to_float(torch.cat(chunks)), out, nrow=scfg.nrow or None)
     elif kind == "npz":

@@ -5,20 +5,22 @@
     torchrun --nproc_per_node=8 -m minidiffit train --preset=cifar10 --data=cifar10 --out=runs/cifar10
 
 
-A task is a module (edm_task.py, latent_task.py) with a `Config` dataclass (its settings and defaults) and
-build_model, loss, generate, load_data (and, for class-conditional tasks, labels). train.py and sample.py
-look tasks up here; the tasks themselves import only small helpers (runtime.py, config.py), never the loop.
+A task is a module (edm_task.py, latent_task.py, autoencoder_task.py) with a `Config` dataclass (its settings
+and defaults) and build_model, loss, generate, load_data (and, for class-conditional tasks, labels; for work after
+training, finish). train.py and sample.py look tasks up here; the tasks themselves import only small helpers
+(runtime.py, config.py), never the loop.
 Introduced in notebooks/05_train_cifar10.ipynb.
 """
 
 from .. import train as loop
 from ..base.config import parse_overrides, run_command
-from . import edm_task, latent_task
-from ..base.runtime import dataclass_from_dict, load_checkpoint
+from . import autoencoder_task, edm_task, latent_task
+from ..base.runtime import dataclass_from_dict, load_checkpoint, load_weights
 
 TASKS = {
     "edm": edm_task,  # image-space DiffiT, EDM (CIFAR-10, FFHQ-64, Fashion-MNIST)
     "latent": latent_task,  # latent DiffiT, ImageNet (ADM diffusion)
+    "autoencoder": autoencoder_task,  # the laptop tier's KL autoencoder (Fashion-MNIST latents), then its scale
 }
 
 
@@ -43,15 +45,8 @@ def build_from_checkpoint(path, use_ema=True, device="cpu"):
     """(model with the EMA (or raw) weights, Config, checkpoint) from a ckpt.pt; sample.py uses it."""
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
-    model = get_task(cfg.task).build_model(cfg)
-    try:
-        model.load_state_dict(ckpt["ema" if use_ema else "model"])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not fit the model its settings build (has the model code changed?): "
-                         f"{str(e).splitlines()[0][:200]}") from None
+    model = load_weights(get_task(cfg.task).build_model(cfg), ckpt["ema" if use_ema else "model"], path)
     return model.to(device).eval().requires_grad_(False), cfg, ckpt
-
-
 
 
 def train(cfg, log=None):
