@@ -3,6 +3,7 @@
     python -m minidiffit train --preset=small --data=cifar10 --out=runs/x      (torchrun ... -m minidiffit train ...)
     python -m minidiffit sample --ckpt=runs/x/ckpt.pt --num_samples=64 --out=runs/x/samples.png
     python -m minidiffit fid --samples=runs/x/samples --ref=REF.npz
+    python -m minidiffit fashion --data_dir=DIR      (a pipeline: stages of the commands above; reproduce.sh runs it)
     python -m minidiffit COMMAND --help
 The commands live in minidiffit/tools/ (what uses the core); this file only names them.
 """
@@ -17,7 +18,14 @@ COMMANDS = {  # name -> (module, what it does)
     "imagenet": ("minidiffit.tools.imagenet", "prepare latents (ImageNet, Fashion-MNIST), synthetic sets, ADM reference batches"),
     "export": ("minidiffit.tools.latent_task", "a latent run's EMA weights as safetensors in the release's layout"),
     "autoencoder": ("minidiffit.tools.autoencoder_task", "train the laptop tier's autoencoder (= train --task=autoencoder)"),
+    # the pipelines: stages of the commands above, each skipped when done (bash reproduce.sh CMD runs them)
+    "fashion": ("minidiffit.tools.pipelines", "the laptop tier: both DiffiT models on Fashion-MNIST, grids and FIDs"),
+    "ablations": ("minidiffit.tools.pipelines", "DiffiT's ablations on Fashion-MNIST (experiments/ablations.py)"),
+    "nfe": ("minidiffit.tools.pipelines", "after fashion: FID against network evaluations (experiments/fid_vs_nfe.py)"),
+    "cifar10": ("minidiffit.tools.pipelines", "CUDA: the paper's CIFAR-10 recipe, 50k samples, FID; no CUDA: CPU tier"),
+    "imagenet256": ("minidiffit.tools.pipelines", "prepare, train, sample, FID; --weights FILE; no CUDA: FAST toy run"),
 }
+SHARED = {"export", "fashion", "ablations", "nfe", "cifar10", "imagenet256"}  # their module serves several: name first
 
 
 def main(argv=None):
@@ -32,8 +40,8 @@ def main(argv=None):
         return 0 if stream is sys.stdout else 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
-    if name == "export":
-        rest = ["export", *rest]
+    if name in SHARED:
+        rest = [name, *rest]
     module.main(rest)
     return 0
 

@@ -325,7 +325,7 @@ def test_latent_shard_dataset(folder, prepared):
 
 
 def test_latent_shard_dataset_errors(prepared, tmp_path):
-    with pytest.raises(FileNotFoundError, match="minidiffit.tools.imagenet prepare"):
+    with pytest.raises(FileNotFoundError, match="minidiffit imagenet prepare"):
         LatentShardDataset(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):

@@ -60,9 +60,7 @@ def config_from_args(argv):
 
 
 def main(argv=None):
-    run_command("minidiffit train", loop.__doc__ + __doc__, {"": (task_config, train),
-                # `check`: validate the settings and exit (reproduce.sh, before any stage)
-                "check": (task_config, lambda cfg: print(f"settings ok ({cfg.task})"))}, argv)
+    run_command("minidiffit train", loop.__doc__ + __doc__, {"": (task_config, train)}, argv)
 
 
 if __name__ == "__main__":

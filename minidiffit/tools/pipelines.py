@@ -1,0 +1,286 @@
+"""`python -m minidiffit fashion|cifar10|imagenet256|ablations|nfe`: the runs behind the README's results.
+
+    bash reproduce.sh fashion --data_dir=DIR       (= python -m minidiffit fashion ..., from the repository)
+    python -m minidiffit imagenet256 --help
+Each pipeline is a list of stages (stages.py); each stage is one command of the package (`python -m minidiffit
+...`), printed as a copyable line and then run in a subprocess, or skipped when its outputs are newer than its
+inputs. Training and `prepare` always run: they resume where they stopped and return at once when done.
+Paths the user types are relative to the directory they ran from; the stages run in the repository.
+"""
+
+import inspect
+import os
+import sys
+import time
+from pathlib import Path
+
+from .stages import caller_args, caller_path, checked_training, cuda_count, fail, fast, only_keys, score, stage, tail
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: runs/, results/, experiments/
+
+
+# ----------------------------------------------------------------------------
+# The laptop tier (DESIGN.md 2b)
+
+
+def fashion(args):
+    """fashion [--data_dir=DIR]: both DiffiT pipelines on Fashion-MNIST through the package's real code paths, then
+    FIDs with the real Inception network against the test set beside the real-vs-real floor at the same sample
+    count, appended to results/fashion.txt. --data_dir= is torchvision's Fashion-MNIST root (downloaded into
+    ~/.cache/minidiffit without it). MINIDIFFIT_FAST=1: a few steps of each stage into runs/fashion_fast."""
+    only_keys("fashion", args, ["data_dir"])
+    data_dir = [a for a in args if a != "--data_dir="][-1:]  # the last one wins, as the config parser does
+    data = ["--data=fashion_mnist", *data_dir]
+    out, edm_min, ae_min, lat_min, num, net, t0 = "runs/fashion", "10.5", "2", "6.5", 500, [], time.time()
+    edm_len = ae_len = lat_len = prep = None
+    lat_steps, where = 250, "CPU (2 cores assumed)"
+    if fast():
+        out, num, net, lat_steps, where = "runs/fashion_fast", 20, ["--network=tiny-random"], 5, "FAST pipeline check, NOT real FIDs"
+        edm_len, ae_len, lat_len, prep = ["--iters=2", "--batch=8"], ["--iters=3", "--batch=16"], ["--iters=2", "--batch=8"], ["--num=64"]
+        print(f"== FAST: every stage for a few steps -> {out}")
+    elif cuda_count() > 0:
+        edm_min, ae_min, lat_min, num, where = "60", "10", "60", 10000, "CUDA, longer budgets and 10000 samples"
+        print(f"== CUDA: the same stages with longer budgets ({edm_min} + {ae_min} + {lat_min} min) and {num} samples per FID")
+    else:
+        print(f"== no CUDA: CPU budgets {edm_min} + {ae_min} + {lat_min} min of training, FIDs on {num} samples (about 30 min)")
+    edm_len = edm_len or [f"--minutes={edm_min}", "--iters=1000000", "--batch=64"]
+    ae_len = ae_len or [f"--minutes={ae_min}"]
+    lat_len = lat_len or [f"--minutes={lat_min}", "--iters=1000000", "--batch=128"]
+    edm, latent = f"{out}/edm", f"{out}/latent"
+
+    # Choice: laptop settings: batch 64, lr 1e-3 after a 0.5 kimg warm-up, no augmentation, EDM's EMA ramp.
+    stage(f"1/6 image space: DiffiT U-Net (preset fashion, 1 channel, TMSA), EDM recipe -> {edm}",
+          ["train", "--preset=fashion", *data, f"--out={edm}", *edm_len, "--lr=1e-3", "--warmup_kimg=0.5",
+           "--augment_p=0", "--ckpt_every=200", "--log_every=20", "--grid=0"])
+    stage(f"a grid of 100 samples -> {edm}/samples.png",
+          ["sample", f"--ckpt={edm}/ckpt.pt", "--num_samples=100", "--nrow=10", f"--out={edm}/samples.png",
+           "--overwrite=true"], inputs=[f"{edm}/ckpt.pt"], outputs=[f"{edm}/samples.png"])
+    stage(f"2/6 latent space: a small autoencoder (32x32x1 -> 8x8x4), its scale measured as 1/std -> {out}/ae",
+          ["autoencoder", *data, f"--out={out}/ae", *ae_len])
+    stage(f"3/6 prepare: its latents of the training set, both flips, shards + manifest -> {out}/latents",
+          ["imagenet", "prepare", *data, f"--out={out}/latents", f"--vae={out}/ae/ckpt.pt", "--num_workers=0",
+           "--batch=256", *(prep or [])])
+    # Choice: EDM's EMA ramp (half-life at most 5% of the images seen) instead of DiT's 0.9999, which would keep the
+    # EMA at its initial weights through a run of a few thousand steps.
+    stage(f"4/6 latent DiffiT (preset fashion), class labels with dropout 0.1, ADM diffusion, learned variance -> {latent}",
+          ["train", "--task=latent", "--preset=fashion", f"--data_dir={out}/latents", f"--out={latent}", *lat_len,
+           "--lr=1e-3", "--ema_halflife_kimg=500", "--ema_rampup=0.05", "--ckpt_every=200", "--log_every=20", "--grid=0"])
+    # column c holds class c; the sweep uses the same seeds (same noise, same classes) at guidance 1 and 4
+    for name, n, guidance in [("samples", 100, []), ("guidance_1", 30, ["--guidance=1"]), ("guidance_4", 30, ["--guidance=4"])]:
+        stage(f"a grid of {n} samples -> {latent}/{name}.png",
+              ["sample", f"--ckpt={latent}/ckpt.pt", f"--num_samples={n}", "--nrow=10", f"--steps={lat_steps}", *guidance,
+               f"--out={latent}/{name}.png", "--overwrite=true"], inputs=[f"{latent}/ckpt.pt"], outputs=[f"{latent}/{name}.png"])
+
+    stage(f"5/6 samples for FID: {num} of the image-space model",
+          ["sample", f"--ckpt={edm}/ckpt.pt", f"--num_samples={num}", "--batch=100", f"--out={edm}/samples_{num}.npz",
+           "--overwrite=true"], inputs=[f"{edm}/ckpt.pt"], outputs=[f"{edm}/samples_{num}.npz"])
+    stage(f"5/6 samples for FID: {num} of the latent model",
+          ["sample", f"--ckpt={latent}/ckpt.pt", f"--num_samples={num}", "--batch=100", f"--steps={lat_steps}",
+           f"--out={latent}/samples_{num}.npz", "--overwrite=true"], inputs=[f"{latent}/ckpt.pt"],
+          outputs=[f"{latent}/samples_{num}.npz"])
+
+    ref = f"{out}/fid/test_{num}.npz"
+    for split in ("train", "test"):
+        stage(f"6/6 Inception statistics of {num} {split} images -> {out}/fid/{split}_{num}.npz",
+              ["fid", "ref", *data, f"--split={split}", f"--num={num}", f"--out={out}/fid/{split}_{num}.npz", *net],
+              outputs=[f"{out}/fid/{split}_{num}.npz"])
+    results = f"{out}/results.txt" if fast() else "results/fashion.txt"
+    Path(results).parent.mkdir(parents=True, exist_ok=True)
+    for what, samples in [("fashion floor: Fashion-MNIST train vs test", f"{out}/fid/train_{num}.npz"),
+                          (f"fashion image-space DiffiT, {edm}, Heun 18 steps (35 NFE)", f"{edm}/samples_{num}.npz"),
+                          (f"fashion latent DiffiT, {latent}, {lat_steps} ancestral steps, guidance default",
+                           f"{latent}/samples_{num}.npz")]:
+        score(f"6/6 FID vs {num} test images: {what}", samples, ref, results, f"{what}, N={num} [{where}]", f"{out}/fid", net)
+    s = round(time.time() - t0)
+    print(f"== done in {s // 60} min {s % 60} s: grids {edm}/samples.png, {latent}/samples.png, "
+          f"{latent}/guidance_{{1,4}}.png; FIDs in {results}")
+    tail(results, 3)
+
+
+def ablations(args):
+    """ablations [--data_dir=DIR] [--iters=N] [--seeds=K] [--variants=a,b]: the paper's ablations (time in the bias /
+    MLP / a separate token / adaLN, windows 2-4-8, a diffusers U-Net peer), experiments/ablations.py."""
+    only_keys("ablations", args, ["data_dir", "iters", "seeds", "variants"])
+    if fast():
+        print("== FAST: two variants for 2 steps, N = 16, tiny random FID network (NOT real FIDs) -> runs/ablations_fast")
+        args = ["--variants=tmsa,bias", *args, "--iters=2", "--batch=8", "--num=16", "--network=tiny-random",
+                "--out=runs/ablations_fast", "--results=runs/ablations_fast/results"]
+    elif cuda_count() == 0:
+        print("== no CUDA: every variant for 800 steps of batch 64 on the CPU (about 90 min on 2 cores); --iters= to change")
+    stage("train, sample and score every variant (finished runs are only scored)", ["experiments/ablations.py", *args])
+
+
+def nfe(args):
+    """nfe: after fashion, FID against network evaluations for every sampler of both models (experiments/fid_vs_nfe.py)."""
+    if args:
+        fail("nfe", "takes no options (it reads runs/fashion)")
+    if fast():
+        print("== FAST: two samplers per model on runs/fashion_fast, N = 20, tiny random FID network (NOT real FIDs)")
+    stage("FID against NFE, every sampler of both models (points already scored are kept)",
+          ["experiments/fid_vs_nfe.py", *(["--smoke"] if fast() else [])])
+
+
+# ----------------------------------------------------------------------------
+# The paper's runs: CIFAR-10 (image space) and ImageNet-256 (latent), with a CPU stand-in for each
+
+
+def cifar10(args):
+    """cifar10 [--data_dir=DIR] [--key=value ...]: DiffiT App. I.1 with EDM's recipe. CUDA: the paper's preset for
+    200k steps of 512 (torchrun over several GPUs), 50k samples, FID vs the training set into results/cifar10.txt.
+    No CUDA: the CPU tier (preset small, --minutes=30) and a grid. --key=value overrides the training settings
+    (--iters=, --minutes=, --data_dir=, --out=, ...); every key is checked before the first stage."""
+    ngpu = cuda_count()
+    if ngpu > 0:
+        defaults = ["--preset=cifar10", "--data=cifar10", "--out=runs/cifar10", "--iters=200000", "--batch=512"]
+    else:
+        # Choice: CPU-tier settings (batch 32, short lr warm-up, no augmentation) so that a half-hour run
+        # learns something; the EDM schedule (10 Mimg warm-up) would keep the lr near zero all along.
+        defaults = ["--preset=small", "--data=cifar10", "--out=runs/cifar10_cpu", "--minutes=30", "--batch=32",
+                    "--warmup_kimg=0.5", "--augment_p=0", "--ckpt_every=200", "--log_every=10", "--grid=16"]
+    train_args = [*defaults, *args]
+    cfg = checked_training("cifar10", train_args)
+    out, ckpt = cfg.out, f"{cfg.out}/ckpt.pt"
+    if ngpu == 0:
+        stage(f"no CUDA: CPU tier, preset {cfg.preset} for a bounded time (--minutes=, default 30) -> {out}",
+              ["train", *train_args])
+        stage(f"64 samples, 18 Heun steps (35 network evaluations), EMA weights -> {out}/samples.png",
+              ["sample", f"--ckpt={ckpt}", "--num_samples=64", "--steps=18", "--batch=64", f"--out={out}/samples.png",
+               "--overwrite=true"], inputs=[ckpt], outputs=[f"{out}/samples.png"])
+        return
+    stage(f"CUDA, {ngpu} GPU(s): preset {cfg.preset}, EDM recipe -> {out}", ["train", *train_args], gpus=ngpu)
+    stage(f"50k samples, 18 Heun steps (35 network evaluations), EMA weights -> {out}/samples (resumes)",
+          ["sample", f"--ckpt={ckpt}", "--num_samples=50000", "--steps=18", "--batch=500", f"--out={out}/samples"],
+          gpus=ngpu)
+    ref = "runs/fid_refs/cifar10_train.npz"
+    stage(f"Inception statistics of the training set -> {ref}",
+          ["fid", "ref", "--data=cifar10", *([f"--data_dir={cfg.data_dir}"] if cfg.data_dir else []), f"--out={ref}"],
+          outputs=[ref])
+    Path("results").mkdir(exist_ok=True)
+    score("FID of the 50k samples vs the training set", f"{out}/samples", ref, "results/cifar10.txt",
+          f"cifar10 ckpt={ckpt} samples=50000 nfe=35", stamps=out)
+    tail("results/cifar10.txt", 1)
+
+
+ADM_REF = "runs/fid_refs/VIRTUAL_imagenet256_labeled.npz"
+ADM_REF_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz"
+
+
+def imagenet256(args):
+    """imagenet256 DATA_DIR [--ref=ADM_REF.npz] [--key=value ...] | --weights FILE: DiffiT Sec. 4 and App. I.2 with
+    the latent DiffiT (minidiffit/tools/latent_task.py). prepare -> runs/imagenet256/latents (SD VAE latents, both
+    flips), train -> ckpt.pt (XL/2, lr 3e-4, batch 256, EMA 0.9999), sample -> samples_50k.npz (50k class-balanced
+    images, guidance, 250 steps), FID/precision/recall vs ADM's reference batch -> results/imagenet256.txt.
+    --weights FILE: sample and evaluate a released checkpoint only. Other --key=value go to the training (--iters=).
+    No CUDA: prints what it would run, then a FAST-sized version of every stage on synthetic images."""
+    data_dir, weights, ref, train_args = "", "", ADM_REF, []
+    while args:
+        a, args = args[0], args[1:]
+        if a in ("--weights", "--ref"):
+            if not args:
+                fail("imagenet256", f"{a} needs a file")
+            a, args = f"{a}={caller_path(args[0])}", args[1:]
+        if a.startswith("--weights="):
+            weights = a.split("=", 1)[1]
+        elif a.startswith("--ref="):
+            ref = a.split("=", 1)[1]
+        elif a.startswith("--") and "=" in a:
+            train_args.append(a)
+        elif a.startswith("-"):
+            fail("imagenet256", f"unknown option '{a}' (use --key=value)")
+        else:
+            data_dir = caller_path(a)
+    # Every training key is checked now, before the prepare stage (hours of VAE encoding on a GPU box).
+    checked_training("imagenet256", ["--task=latent", "--out=runs/imagenet256", *train_args])
+    ngpu = cuda_count()
+    if ngpu > 0:
+        if not data_dir and not weights:
+            fail("imagenet256", "pass DATA_DIR (ImageNet's train folder, one subfolder per class) or --weights FILE")
+        imagenet256_stages(ngpu, data_dir, weights, ref, train_args)
+    else:
+        print("== no CUDA. With GPUs this command would run (N = number of GPUs):")
+        imagenet256_stages("N", data_dir or "DATA_DIR", weights, ref, train_args, run=False)
+        print("== now a FAST-sized version of every stage on synthetic images (tiny model, tiny random VAE, CPU)")
+        imagenet256_fast(train_args)
+
+
+def imagenet256_stages(gpus, data_dir, weights, ref, train_args, run=True):
+    """The GPU stages; run=False only prints them."""
+    out = "runs/imagenet256_released" if weights else "runs/imagenet256"
+    ckpt, samples = f"{out}/ckpt.pt", f"{out}/samples_50k.npz"
+    source = f"--weights={weights}" if weights else f"--ckpt={ckpt}"
+    if not weights:
+        stage(f"prepare: ADM center crop to 256, SD VAE (sd-vae-ft-ema) latents, both flips -> {out}/latents",
+              ["imagenet", "prepare", f"--data_dir={data_dir}", f"--out={out}/latents", "--image_size=256"],
+              gpus=gpus, run=run)
+        stage(f"train: XL/2, lr 3e-4, batch 256, EMA 0.9999, bf16 + compile (resumes {ckpt})",
+              ["train", "--task=latent", "--preset=XL/2", f"--data_dir={out}/latents", f"--out={out}", *train_args],
+              gpus=gpus, run=run)
+    stage(f"sample: 50k images (image i: seed i, class i % 1000), guidance, 250 steps x 2 evaluations -> {samples}",
+          ["sample", source, "--num_samples=50000", "--steps=250", "--batch=64", f"--out={samples}", "--overwrite=true"],
+          inputs=[] if weights else [ckpt], outputs=[samples], gpus=gpus, run=run)
+    if run and not os.path.isfile(ref):
+        fail("imagenet256", f"ADM's reference batch {ref} is missing. Download it (1.5 GB) with\n"
+             f"  mkdir -p {os.path.dirname(ref)} && curl -L -o {ref} {ADM_REF_URL}\n"
+             f"or pass --ref=PATH. The samples are in {samples}.")
+    tag = f"imagenet256 {source} samples=50000 steps=250 nfe=500 (guidance doubles the batch)"
+    if not run:
+        stage(f"FID, precision, recall vs ADM's reference batch {ref}",
+              ["fid", f"--samples={samples}", f"--ref={ref}", "--results=results/imagenet256.txt", f"--tag={tag}"], run=False)
+        return
+    Path("results").mkdir(exist_ok=True)
+    score(f"FID, precision, recall vs ADM's reference batch {ref}", samples, ref, "results/imagenet256.txt", tag, out)
+    tail("results/imagenet256.txt", 1)
+
+
+def imagenet256_fast(train_args):
+    """The same stages at toy size: 40 synthetic 64 px images in 10 classes, the tiny preset, the tiny random VAE, a
+    few training steps (then a resume), 20 samples, and a "FID" from a tiny random network (NOT a real FID)."""
+    out, env = "runs/imagenet256_fast", {"MINIDIFFIT_FAST": "1"}
+    ckpt, images = f"{out}/run/ckpt.pt", f"{out}/images"
+    stage(f"40 synthetic images in 10 classes -> {images}",
+          ["imagenet", "synthetic", f"--out={images}", "--num_classes=10", "--per_class=4", "--size=64"],
+          outputs=[images], env=env)
+    stage(f"prepare: the tiny random VAE's latents -> {out}/latents",
+          ["imagenet", "prepare", f"--data_dir={images}", f"--out={out}/latents", "--image_size=64", "--vae=tiny",
+           "--batch=20", "--shard_size=16", "--num_workers=0"], env=env)
+    train = ["train", "--task=latent", "--preset=tiny", f"--data_dir={out}/latents", f"--out={out}/run", "--batch=8",
+             "--lr=1e-3", "--ema_halflife_kimg=0.05", "--ckpt_every=10", "--log_every=10", "--grid=4",
+             "--sample_steps=10", "--compile=false"]
+    stage(f"train the tiny preset for 10 steps -> {out}/run", [*train, "--iters=10", *train_args], env=env)
+    stage("resume the run for 10 more steps", [*train, "--iters=20", *train_args], env=env)
+    stage(f"sample 20 images (25 steps, guidance) -> {out}/samples.npz",
+          ["sample", f"--ckpt={ckpt}", "--num_samples=20", "--steps=25", "--batch=10", f"--out={out}/samples.npz",
+           "--overwrite=true"], inputs=[ckpt], outputs=[f"{out}/samples.npz"], env=env)
+    stage(f"the released-weights path: export the EMA as safetensors -> {out}/tiny.safetensors",
+          ["export", f"--ckpt={ckpt}", f"--out={out}/tiny.safetensors"], inputs=[ckpt],
+          outputs=[f"{out}/tiny.safetensors"], env=env)
+    stage(f"sample the exported weights with --weights -> {out}/samples_weights.npz",
+          ["sample", f"--weights={out}/tiny.safetensors", "--num_samples=20", "--steps=25", "--batch=10",
+           f"--out={out}/samples_weights.npz", "--overwrite=true"], inputs=[f"{out}/tiny.safetensors"],
+          outputs=[f"{out}/samples_weights.npz"], env={**env, "MINIDIFFIT_VAE": "tiny"})
+    stage(f"reference statistics of the synthetic images -> {out}/ref.npz",
+          ["imagenet", "reference", f"--data_dir={images}", f"--out={out}/ref.npz", "--image_size=64"],
+          inputs=[images], outputs=[f"{out}/ref.npz"], env=env)
+    for s in ("samples", "samples_weights"):
+        stage(f"tiny random features of {out}/{s}.npz -> {out}/results_{s}.txt",
+              ["fid", f"--samples={out}/{s}.npz", f"--ref={out}/ref.npz", "--network=tiny-random",
+               f"--results={out}/results_{s}.txt", f"--tag=FAST CPU pipeline check ({s}), NOT a real FID"],
+              inputs=[f"{out}/{s}.npz", f"{out}/ref.npz"], outputs=[f"{out}/results_{s}.txt"], env=env)
+    print(f"== FAST pipeline done: every stage ran or was up to date; {out}/results_*.txt (tiny random features, NOT a real FID)")
+
+
+PIPELINES = {"fashion": fashion, "cifar10": cifar10, "imagenet256": imagenet256, "ablations": ablations, "nfe": nfe}
+
+
+def main(argv):
+    """argv: [pipeline name, its arguments...] (minidiffit/__main__.py passes the name first)."""
+    name, args = argv[0], argv[1:]
+    if any(a in ("-h", "--help") for a in args):
+        print("usage: python -m minidiffit " + inspect.cleandoc(PIPELINES[name].__doc__))
+        return
+    args = caller_args(args)
+    os.chdir(ROOT)  # the stages write runs/ and results/ of the repository, wherever the user ran from
+    try:
+        PIPELINES[name](args)
+    except KeyboardInterrupt:
+        sys.exit(130)  # the stage's command has said where it stopped; a rerun resumes there
