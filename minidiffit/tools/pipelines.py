@@ -137,7 +137,8 @@ def cifar10(args):
         # learns something; the EDM schedule (10 Mimg warm-up) would keep the lr near zero all along.
         defaults = ["--preset=small", "--data=cifar10", "--out=runs/cifar10_cpu", "--minutes=30", "--batch=32",
                     "--warmup_kimg=0.5", "--augment_p=0", "--ckpt_every=200", "--log_every=10", "--grid=16"]
-    train_args = [*defaults, *args]
+    given = {a.split("=", 1)[0] for a in args}
+    train_args = [*[d for d in defaults if d.split("=", 1)[0] not in given], *args]  # a key once: the copyable line
     cfg = checked_training("cifar10", train_args)
     out, ckpt = cfg.out, f"{cfg.out}/ckpt.pt"
     if ngpu == 0:
