@@ -11,13 +11,15 @@ notebooks/07_latent_space.ipynb. Command line:
 """
 
 import functools
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .. import train as loop
 from ..autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, measure_scale, psnr, reconstruct
-from ..base.config import RunConfig, check
+from ..base.config import RunConfig, check, run_command
 from ..base.data import load_dataset, save_grid, synthetic_dataset, to_float
 from ..base.runtime import load_checkpoint, save_checkpoint
 
@@ -49,6 +51,7 @@ class Config(RunConfig, AutoencoderConfig):  # the model's fields (AutoencoderCo
     def validate(self):
         RunConfig.validate(self)
         AutoencoderConfig.validate(self)
+        check(self.task == "autoencoder", f"--task={self.task}: this is the autoencoder's config (task autoencoder)")
         check(self.data in ("fashion_mnist", "cifar10", "synthetic"),
               f"--data={self.data}: choose fashion_mnist, cifar10 or synthetic")
         check(min(self.scale_images, self.test_images) >= 0 and self.num_data > 1,
@@ -141,7 +144,6 @@ def finish(run):
 
 
 def main(argv=None):
-    """`python -m minidiffit autoencoder ARGS` is `python -m minidiffit train --task=autoencoder ARGS`."""
-    from . import tasks  # tasks imports this module: imported here, when the command runs
-
-    tasks.main(["--task=autoencoder", *(argv or [])])
+    """`python -m minidiffit autoencoder ARGS`: the same as `python -m minidiffit train --task=autoencoder ARGS`."""
+    run_command("minidiffit autoencoder", __doc__, {"": (lambda a: Config(), lambda cfg: loop.train(sys.modules[__name__], cfg))},
+                argv)

@@ -210,9 +210,7 @@ def prepare(cfg: PrepareConfig, vae=None, rank=0, world_size=1):
         if vae is None:
             vae = load_vae(VAEConfig(source=cfg.vae), device)
         # A LatentVAE or AutoencoderVAE honours cfg.sample_posterior; any other encoder (tests) is called as encode(x).
-        encode = vae.encode
-        if hasattr(vae, "scale"):
-            encode = functools.partial(vae.encode, sample=cfg.sample_posterior)
+        encode = functools.partial(vae.encode, sample=cfg.sample_posterior) if hasattr(vae, "scale") else vae.encode
         _log(rank, f"encoding {len(todo)} of this rank's {len(mine)} shards on {device} (the rest exist)")
         # Seeding per batch below must not leave the caller's random state changed.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -237,8 +235,7 @@ def _encode_shards(cfg, plan, todo, dataset, encode, device, out, rank):
                for b in range(shard["start"], shard["start"] + shard["count"], cfg.batch)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b for _, b in batches], pin_memory=device.type == "cuda",
                                          num_workers=cfg.num_workers if cfg.data == "folder" else 0)  # else: in memory
-    parts = []
-    bar = progress_bar(total=sum(len(b) for _, b in batches), desc="prepare", unit="img", enabled=rank == 0)
+    parts, bar = [], progress_bar(total=sum(len(b) for _, b in batches), desc="prepare", unit="img", enabled=rank == 0)
     for (s, indices), (x, y) in zip(batches, loader):
         x = to_float(x.to(device, non_blocking=True))  # (B, C, H, W) in [-1, 1]
         # Choice: store one posterior sample, as fast-DiT's feature extraction does (DiT, encoding on the
@@ -257,7 +254,7 @@ def _encode_shards(cfg, plan, todo, dataset, encode, device, out, rank):
             record = {"latents": latents, "labels": labels, "start": shard["start"]}
             atomic_write(out / shard["file"], lambda f: torch.save(record, f))
             parts = []
-            with bar.external_write_mode():
+            with bar.external_write_mode():  # the line goes above the bar
                 _log(rank, f"wrote {shard['file']} ({shard['count']} images)", every_rank=True)
         bar.update(len(indices))
     bar.close()
