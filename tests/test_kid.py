@@ -54,3 +54,26 @@ def test_kid_is_unbiased_where_the_plug_in_estimate_is_not():
 def test_kid_needs_points():
     with pytest.raises(ValueError, match="at least 4 points"):
         kernel_inception_distance(np.zeros((3, 4)), np.zeros((10, 4)))
+
+
+def test_the_fid_command_prints_kid_beside_fid_and_in_the_results_line(tmp_path, capsys):
+    """`python -m minidiffit fid` on samples against a reference with features: KID from the same features."""
+    import re
+
+    from minidiffit.base.data import load_dataset
+    from minidiffit.fid import features, get_network
+    from minidiffit.tools import evaluate
+
+    ref = tmp_path / "ref.npz"
+    evaluate.main(["ref", "--data=synthetic", f"--out={ref}", "--num=40", "--network=tiny-random", "--save_features=true"])
+    images = load_dataset("synthetic", num=60, seed=7).images[20:60]  # (40, 3, 32, 32) uint8, other images
+    np.savez(tmp_path / "s.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
+    results = tmp_path / "results.txt"
+    capsys.readouterr()
+    evaluate.main([f"--samples={tmp_path / 's.npz'}", f"--ref={ref}", "--network=tiny-random", f"--results={results}"])
+    line = capsys.readouterr().out.splitlines()[0]
+    kid, std = map(float, re.search(r"KID ([-\d.]+) \+- ([\d.]+)", line).groups())
+    net = get_network("tiny-random")
+    want = kernel_inception_distance(np.load(ref)["features"], features(images, net))
+    assert (kid, std) == pytest.approx(want, abs=1e-5)
+    assert "KID" in results.read_text()

@@ -14,7 +14,8 @@ import numpy as np
 from ..base.config import check, run_command
 from ..base.data import IMAGE_EXTENSIONS, load_dataset, read_image
 from ..base.runtime import atomic_write, progress_bar, select_device
-from ..fid import FeatureStats, features, feature_statistics, frechet_distance, get_network, precision_recall
+from ..fid import (FeatureStats, feature_statistics, features, frechet_distance, get_network,
+                   kernel_inception_distance, precision_recall)
 
 
 # ----------------------------------------------------------------------------
@@ -119,6 +120,7 @@ class EvalConfig:
     network: str = ""  # FID network file (.pt TorchScript or pytorch-fid .pth); "" = $MINIDIFFIT_INCEPTION or download; "tiny-random" = test net, NOT a real FID
     batch: int = 100  # images per network forward pass
     pr: bool = True  # also precision/recall (k=3) when the ref holds features or images
+    kid: bool = True  # also KID (mean and std over subsets) when the ref holds features or images
     results: str = ""  # append one line (FID, samples, ref, network, tag) to this file
     tag: str = ""  # free text for the result line, e.g. "ckpt=runs/x/ckpt.pt nfe=35"
     device: str = ""  # "" = cuda when available, else cpu
@@ -183,7 +185,7 @@ def evaluate(cfg):
                 kept.append(f)
                 bar.update(len(f))
         mean_cov, fake = stats.mean_cov(), np.concatenate(kept)
-    if ref["mu"] is None or (cfg.pr and ref["features"] is None and ref["images"] is not None):
+    if ref["mu"] is None or ((cfg.pr or cfg.kid) and ref["features"] is None and ref["images"] is not None):
         ref["features"] = features(ref["images"], net, cfg.batch)  # ADM's reference batch: its images
         if ref["mu"] is None:
             ref["mu"], ref["sigma"] = feature_statistics(ref["features"])
@@ -191,7 +193,11 @@ def evaluate(cfg):
         raise ValueError(f"{cfg.ref} holds {ref['mu'].shape[0]}-d statistics but the network {net.source} gives "
                          f"{net.feature_dim}-d features; build the reference with the same --network")
     fid = frechet_distance(*mean_cov, ref["mu"], ref["sigma"])
-    line = f"FID {fid:.4f}  samples {n} ({cfg.samples})  ref {cfg.ref}" + (f" ({ref['num']} images)" if ref["num"] else "")
+    line = f"FID {fid:.4f}"
+    if cfg.kid and ref["features"] is not None and fake is not None:  # the same features, an unbiased distance
+        kid, kid_std = kernel_inception_distance(ref["features"], fake)
+        line += f"  KID {kid:.5f} +- {kid_std:.5f}"
+    line += f"  samples {n} ({cfg.samples})  ref {cfg.ref}" + (f" ({ref['num']} images)" if ref["num"] else "")
     if cfg.pr and ref["features"] is not None and fake is not None:
         p, r = precision_recall(ref["features"], fake, device=device)
         line += f"  precision {p:.4f}  recall {r:.4f}"

@@ -82,7 +82,8 @@ def fashion(args):
     ref = f"{out}/fid/test_{num}.npz"
     for split in ("train", "test"):
         stage(f"6/6 Inception statistics of {num} {split} images -> {out}/fid/{split}_{num}.npz",
-              ["fid", "ref", *data, f"--split={split}", f"--num={num}", f"--out={out}/fid/{split}_{num}.npz", *net],
+              ["fid", "ref", *data, f"--split={split}", f"--num={num}", f"--out={out}/fid/{split}_{num}.npz",
+               "--save_features=true", *net],  # features: KID and precision/recall beside FID
               outputs=[f"{out}/fid/{split}_{num}.npz"])
     results = f"{out}/results.txt" if fast() else "results/fashion.txt"
     Path(results).parent.mkdir(parents=True, exist_ok=True)
