@@ -21,6 +21,7 @@ commands:
   nfe          after fashion: FID against network evaluations for every sampler of both models (~25 min on 2 CPU cores)
   cifar10      [--data_dir=DIR] [--key=value ...] CUDA: paper recipe, 50k samples, FID; no CUDA: CPU tier (--minutes=30)
   imagenet256  DATA_DIR [--ref=ADM_REF.npz] [--key=value ...] | --weights FILE   prepare, train, sample, FID; no CUDA: FAST toy run
+  gpu-check    with CUDA, run this first (minutes): bf16, compile, DDP, the attention kernel, measured vs estimated rate
   help         this message
 
 Every pipeline prints each command it runs (python -m minidiffit ...) and skips the stages that are done;
@@ -57,7 +58,7 @@ cmd=${1:-help}
 case "$cmd" in
   setup) setup "$@" ;;
   test) run_tests "$@" ;;
-  fashion|ablations|nfe|cifar10|imagenet256) setup; exec "$PY" -m minidiffit "$cmd" "$@" ;;
+  fashion|ablations|nfe|cifar10|imagenet256|gpu-check) setup; exec "$PY" -m minidiffit "$cmd" "$@" ;;
   help|-h|--help) usage ;;
   *) echo "reproduce.sh: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
 esac

@@ -24,6 +24,7 @@ COMMANDS = {  # name -> (module, what it does)
     "nfe": ("minidiffit.tools.pipelines", "after fashion: FID against network evaluations (experiments/fid_vs_nfe.py)"),
     "cifar10": ("minidiffit.tools.pipelines", "CUDA: the paper's CIFAR-10 recipe, 50k samples, FID; no CUDA: CPU tier"),
     "imagenet256": ("minidiffit.tools.pipelines", "prepare, train, sample, FID; --weights FILE; no CUDA: FAST toy run"),
+    "gpu-check": ("minidiffit.tools.gpucheck", "with CUDA, first: bf16, compile, DDP, the attention kernel, measured vs estimated rate"),
 }
 SHARED = {"export", "fashion", "ablations", "nfe", "cifar10", "imagenet256"}  # their module serves several: name first
 

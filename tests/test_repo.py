@@ -289,3 +289,15 @@ def test_reproduce_imagenet256_fast_skips_finished_stages_on_a_rerun():
 
 def _reproduce_long(*args):
     return subprocess.run(["bash", str(ROOT / "reproduce.sh"), *args], capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def test_the_readme_module_map_counts_the_lines_of_today():
+    """README's Layout gives each module's line count: a module that grew or shrank without the map fails here."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    listed = dict(re.findall(r"^\s+(\w+\.py)\s+(\d+)  ", layout, re.M))
+    files = {p.name: p for p in (ROOT / "minidiffit").rglob("*.py") if p.name != "__init__.py"}
+    assert set(listed) == set(files), f"README's module map lists {sorted(set(listed) ^ set(files))} differently"
+    for name, count in listed.items():
+        actual = len(files[name].read_text().splitlines())
+        assert int(count) == actual, f"README's Layout says {name} has {count} lines; it has {actual}"
