@@ -1,4 +1,4 @@
-"""The command line of every `python -m minidiffit.X`: `--key=value` onto a dataclass config, one shell.
+"""The command line of every `python -m minidiffit COMMAND`: `--key=value` onto a dataclass config, one shell.
 
 Each entry point describes its settings as `@dataclass`es (a comment per field, checked by `validate()`)
 and hands `run_command` a table of its commands. The shell gives them all the same syntax, the same
