@@ -301,3 +301,11 @@ def test_the_readme_module_map_counts_the_lines_of_today():
     for name, count in listed.items():
         actual = len(files[name].read_text().splitlines())
         assert int(count) == actual, f"README's Layout says {name} has {count} lines; it has {actual}"
+
+
+def test_the_wheel_ships_every_package_folder():
+    """pyproject lists packages by name: a new folder under minidiffit/ that it misses is absent from `pip install .`."""
+    listed = re.search(r"^packages = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    names = set(re.findall(r'"([\w.]+)"', listed))
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "minidiffit").rglob("__init__.py")}
+    assert folders == names, f"pyproject's packages {sorted(names)} vs the package folders {sorted(folders)}"
