@@ -14,6 +14,7 @@ The paper's numbers are CIFAR-10 FIDs at 50k samples after 200k steps of batch 5
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from minidiffit.tools import edm_task
 from minidiffit.tools.evaluate import EvalConfig, RefConfig, build_reference, evaluate
 from minidiffit.base.runtime import load_checkpoint, num_parameters
+from minidiffit.tools.compare import interval, paired_difference, verdict
 from minidiffit.tools.sample import SampleConfig, sample
 from minidiffit.tools.tasks import train
 from minidiffit.unet import count_parameters
@@ -109,10 +111,43 @@ def write_table(rows, args, floor):
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['seed']} | {r['params'] / 1e6:.3f} | {r['kimg']:.1f} | {r['loss']:.1f} | "
               f"{r['fid']:.2f} | {r['minutes']:.1f} | {r['paper']} |" for r in rows]
+    comparisons = compare_to_tmsa(rows)
+    if comparisons:
+        lines += ["", "Per variant: mean FID over seeds with its 95% t interval, and the paired difference against TMSA "
+                  "(seed k of every variant shares data order, initialisation where shapes allow, and sampling noise); "
+                  "separated only when that interval excludes zero.", "",
+                  "| variant | seeds | mean FID [95% interval] | FID - TMSA, paired [95% interval] | verdict |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c['variant']} | {c['seeds']} | {c['mean']:.2f} [{c['low']:.2f}, {c['high']:.2f}] | "
+                  + (f"{c['diff']:+.2f} [{c['diff_low']:+.2f}, {c['diff_high']:+.2f}] | {c['verdict']} |"
+                     if c["variant"] != "tmsa" else "- | the baseline |") for c in comparisons]
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results + ".txt").write_text("\n".join(lines) + "\n")
-    Path(args.results + ".json").write_text(json.dumps({"budget": head, "num": args.num, "floor": floor, "rows": rows}, indent=1) + "\n")
+    Path(args.results + ".json").write_text(json.dumps({"budget": head, "num": args.num, "floor": floor, "rows": rows,
+                                                        "comparisons": [{k: v if not isinstance(v, float) or math.isfinite(v) else None  # one seed: no interval
+                                                                         for k, v in c.items()} for c in comparisons]},
+                                                       indent=1) + "\n")
     print("\n".join(lines))
+
+
+def compare_to_tmsa(rows):
+    """Per variant: the mean FID over its seeds with a 95% interval, and the paired difference against TMSA on the
+    seeds both have (minidiffit/tools/compare.py). [] without TMSA rows."""
+    fids = {}
+    for r in rows:
+        fids.setdefault(r["variant"], {})[r["seed"]] = r["fid"]
+    if "tmsa" not in fids:
+        return []
+    out = []
+    for name, by_seed in fids.items():
+        mean, low, high = interval(list(by_seed.values()))
+        row = dict(variant=name, seeds=len(by_seed), mean=mean, low=low, high=high)
+        shared = sorted(set(by_seed) & set(fids["tmsa"]))
+        if name != "tmsa" and shared:
+            diff, dlow, dhigh = paired_difference([by_seed[s] for s in shared], [fids["tmsa"][s] for s in shared])
+            row.update(diff=diff, diff_low=dlow, diff_high=dhigh, verdict=verdict(dlow, dhigh))
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """tools/compare.py: intervals against scipy's own t test, and verdicts that only separate what differs."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.stats
 
 from minidiffit.tools.compare import interval, paired_difference, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_interval_is_scipys_paired_t_interval():
@@ -37,3 +40,19 @@ def test_one_seed_separates_nothing_and_lengths_must_match():
     assert mean == 3.0 and math.isinf(low) and math.isinf(high)
     with pytest.raises(ValueError, match="paired seeds"):
         paired_difference([1.0, 2.0], [1.0])
+
+
+def test_the_ablations_report_pairs_each_variant_with_tmsa_by_seed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablations", ROOT / "experiments" / "ablations.py")
+    ablations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablations)
+    rows = [dict(variant=v, seed=s, fid=f) for v, s, f in [("tmsa", 0, 166.2), ("tmsa", 1, 167.4), ("tmsa", 2, 165.0),
+                                                          ("bias", 1, 172.7), ("bias", 0, 170.6), ("bias", 2, 171.0),
+                                                          ("same", 0, 166.2), ("same", 1, 167.4), ("same", 2, 165.0)]]
+    by_name = {c["variant"]: c for c in ablations.compare_to_tmsa(rows)}
+    assert by_name["bias"]["verdict"] == "separated: TMSA better"  # +4.4, +5.3, +6.0: paired by seed, not by order
+    assert by_name["bias"]["diff"] == pytest.approx((4.4 + 5.3 + 6.0) / 3)
+    assert by_name["same"]["verdict"] == "not separated at this budget"
+    assert "verdict" not in by_name["tmsa"] and ablations.compare_to_tmsa(rows[3:6]) == []
