@@ -28,28 +28,19 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from minidiffit.diffusion import EDMPrecond
 from minidiffit.latent import LATENT_PRESETS, LatentDiffiT
+from minidiffit.tools.gpucheck import MFU, PEAKS, forward_flops  # the constants and counter gpu-check measures against
 from minidiffit.unet import UNET_PRESETS, DiffiTUNet
 
 ROOT = Path(__file__).resolve().parents[1]
-PEAK = {"A100": 312e12, "H100": 989e12}  # dense bf16 FLOP/s, NVIDIA's A100 / H100 SXM data sheets
-MFU = 0.84 * 128 * 3 * 237.0e9 / PEAK["A100"]  # fast-DiT's DiT-XL/2 rate on one A100 (see above)
+PEAK = {card: PEAKS[card] for card in ("A100", "H100")}  # dense bf16 FLOP/s, NVIDIA's A100 / H100 SXM data sheets
 IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's training set
 
 
 # ----------------------------------------------------------------------------
 # Measurements
-
-
-def forward_flops(model, *inputs):
-    """FLOPs of one forward pass per image (the batch's count divided by its size), on the meta device."""
-    with FlopCounterMode(display=False) as counter:
-        with torch.no_grad():
-            model(*inputs)
-    return counter.get_total_flops() / len(inputs[0])
 
 
 def saved_bytes(model, *inputs):

@@ -14,7 +14,6 @@ The paper's numbers are CIFAR-10 FIDs at 50k samples after 200k steps of batch 5
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 from minidiffit.tools import edm_task
 from minidiffit.tools.evaluate import EvalConfig, RefConfig, build_reference, evaluate
-from minidiffit.base.runtime import load_checkpoint, num_parameters
+from minidiffit.base.runtime import finite, load_checkpoint, num_parameters
 from minidiffit.tools.compare import interval, paired_difference, verdict
 from minidiffit.tools.sample import SampleConfig, sample
 from minidiffit.tools.tasks import train
@@ -124,7 +123,7 @@ def write_table(rows, args, floor):
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results + ".txt").write_text("\n".join(lines) + "\n")
     Path(args.results + ".json").write_text(json.dumps({"budget": head, "num": args.num, "floor": floor, "rows": rows,
-                                                        "comparisons": [{k: v if not isinstance(v, float) or math.isfinite(v) else None  # one seed: no interval
+                                                        "comparisons": [{k: finite(v) if isinstance(v, float) else v  # one seed: no interval
                                                                          for k, v in c.items()} for c in comparisons]},
                                                        indent=1) + "\n")
     print("\n".join(lines))

@@ -20,7 +20,8 @@ from ..diffusion import EDMPrecond, edm_loss
 from ..unet import UNET_PRESETS, DiffiTUNet
 from .stages import stage
 
-# Dense bf16 peaks (NVIDIA data sheets) and the MFU benchmarks/gpu_cost.py assumes (fast-DiT's DiT-XL/2 on an A100).
+# Dense bf16 peaks (NVIDIA data sheets) and the MFU benchmarks/gpu_cost.py assumes too: fast-DiT's DiT-XL/2 rate
+# on one A100, 0.84 steps/s of batch 128, at 3 x 237 GFLOP per image (forward + backward).
 PEAKS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "L40S": 362e12, "A10": 125e12}
 MFU = 0.84 * 128 * 3 * 237.0e9 / PEAKS["A100"]
 
@@ -60,13 +61,14 @@ def train_rate(model, shape, batch, device, bf16, compile, steps):
     return batch * steps / (time.perf_counter() - t0)
 
 
-def forward_flops(cfg, shape):
-    """FLOPs of one forward pass per image of the EDM-wrapped U-Net `cfg`, counted on the meta device."""
+def forward_flops(model, *inputs):
+    """FLOPs of one forward pass per image (the batch's count divided by its size). Build the model and inputs on
+    the meta device (`with torch.device("meta"):`): shapes only, seconds on a CPU even for XL/2."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.device("meta"), FlopCounterMode(display=False) as counter, torch.no_grad():
-        EDMPrecond(DiffiTUNet(cfg))(torch.zeros(2, *shape), torch.ones(2))
-    return counter.get_total_flops() / 2
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*inputs)
+    return counter.get_total_flops() / len(inputs[0])
 
 
 def main(argv):
@@ -103,7 +105,8 @@ def main(argv):
         model = DiffiTUNet(cfg)
         rate = train_rate(model, shape, batch, device, bf16=device.type == "cuda", compile=device.type == "cuda",
                           steps=2 if smoke else 30)
-        flops = 3 * forward_flops(cfg, shape)
+        with torch.device("meta"):
+            flops = 3 * forward_flops(EDMPrecond(DiffiTUNet(cfg)), torch.zeros(2, *shape), torch.ones(2))
         estimate = PEAKS[card] * MFU / flops if card else math.nan
         line = (f"   {label:8s} {num_parameters(model) / 1e6:6.1f}M params, batch {batch}: measured {rate:9.1f} img/s, "
                 f"estimate {estimate:9.1f} img/s ({flops / 1e9:.1f} GFLOP/img per training step)")
