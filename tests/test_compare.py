@@ -44,7 +44,9 @@ def test_one_seed_separates_nothing_and_lengths_must_match():
 
 def test_the_ablations_report_pairs_each_variant_with_tmsa_by_seed():
     import importlib.util
+    import sys
 
+    sys.path.insert(0, str(ROOT / "experiments"))  # the scripts import their runner as the script's folder allows
     spec = importlib.util.spec_from_file_location("ablations", ROOT / "experiments" / "ablations.py")
     ablations = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablations)

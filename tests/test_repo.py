@@ -236,8 +236,10 @@ def test_reproduce_fashion_fast_runs_every_stage_then_skips_them():
                          text=True, timeout=900, env=env, cwd=ROOT)
     assert abl.returncode == 0, abl.stdout[-2000:] + abl.stderr[-2000:]
     table = json.loads((ROOT / "runs" / "ablations_fast" / "results.json").read_text())
-    assert [r["variant"] for r in table["rows"]] == ["tmsa", "bias"] and table["num"] == 16
-    assert all(r["kimg"] == 2 * 8 / 1000 and r["params"] > 1e6 for r in table["rows"])
+    assert [(r["family"], r["variant"]) for r in table["rows"]] == [("image", "tmsa"), ("image", "bias"),
+                                                                     ("latent", "tmsa")] and table["num"] == 16
+    assert all(r["kimg"] == 2 * 8 / 1000 and r["params"] > 1e6 and r["kid"] is not None for r in table["rows"])
+    assert set(table["comparisons"]) == {"image", "latent"}
 
 
 # ----------------------------------------------------------------------------

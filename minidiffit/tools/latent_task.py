@@ -24,6 +24,7 @@ from ..latent import LATENT_PRESETS, Guidance, LatentDiffiT, default_guidance
 from .released import load_released, read_metadata, save_safetensors
 from ..base.runtime import dataclass_from_dict, image_generators, load_checkpoint, load_weights, seeded_noise
 from .vae import SD_VAE_SCALE, VAEConfig, load_vae
+from ..variants import TIME_MODES
 
 DIFFUSION = GaussianDiffusion()  # the 1000-step training diffusion (linear betas; DESIGN.md Sec. 4)
 EMA_DECAY = 0.9999  # DiffiT App. I.2 (and DiT): per-step EMA decay at the reference batch
@@ -37,6 +38,8 @@ REFERENCE_BATCH = 256  # DiffiT App. I.2: batch 256 at 256 px (512 at 512 px)
 class Config(RunConfig):
     task: str = "latent"  # latent DiffiT trained with ADM's diffusion on stored VAE latents
     preset: str = "XL/2"  # model preset (latent.LATENT_PRESETS): tiny, fashion, S/2, B/2, L/2, XL/2
+    # Ablation (experiments/ablations.py, notebook 10): how time enters each block (latent.LatentConfig.time_mode)
+    time_mode: str | None = None  # tmsa (DiffiT), bias, mlp, token, adaln (DiT's adaLN-Zero); None: the preset's
     # Choice: the paper gives no iteration count; 400k steps is DiT-XL/2's comparison point (its best
     # model trained 7M). Override with --iters / --minutes.
     iters: int = 400_000  # optimizer steps
@@ -69,6 +72,7 @@ class Config(RunConfig):
         super().validate()
         check(self.preset in LATENT_PRESETS or self.preset == "released",
               f"--preset={self.preset}: unknown for task 'latent'; choose one of {sorted(LATENT_PRESETS)}")
+        check(self.time_mode in (None, *TIME_MODES), f"--time_mode={self.time_mode}: choose one of {', '.join(TIME_MODES)}")
         check(self.guidance is None or isinstance(self.guidance, Guidance) or self.guidance >= 1,
               f"--guidance={self.guidance}: a scale >= 1 (1 = no guidance), or none for the preset's")
 
@@ -88,7 +92,8 @@ def run_guidance(cfg, lcfg):
 
 
 def build_model(cfg):
-    return LatentDiffiT(LATENT_PRESETS[cfg.preset])
+    overrides = {"time_mode": cfg.time_mode} if cfg.time_mode else {}
+    return LatentDiffiT(dataclasses.replace(LATENT_PRESETS[cfg.preset], **overrides))
 
 
 def loss(model, x, y, cfg):

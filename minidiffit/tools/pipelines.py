@@ -99,16 +99,18 @@ def fashion(args):
 
 
 def ablations(args):
-    """ablations [--data_dir=DIR] [--iters=N] [--seeds=K] [--variants=a,b]: the paper's ablations (time in the bias /
-    MLP / a separate token / adaLN, windows 2-4-8, a diffusers U-Net peer), experiments/ablations.py."""
-    only_keys("ablations", args, ["data_dir", "iters", "seeds", "variants"])
+    """ablations [--data_dir=DIR] [--image=a,b] [--latent=a,b] [--seeds=K] [--scale=X]: the paper's ablations in both
+    families (how time enters the U-Net's and the latent transformer's blocks), paired seeds, experiments/ablations.py."""
+    only_keys("ablations", args, ["data_dir", "image", "latent", "seeds", "scale"])
     if fast():
-        print("== FAST: two variants for 2 steps, N = 16, tiny random FID network (NOT real FIDs) -> runs/ablations_fast")
-        args = ["--variants=tmsa,bias", *args, "--iters=2", "--batch=8", "--num=16", "--network=tiny-random",
+        print("== FAST: two image variants and one latent, 2 steps each, N = 16, tiny random FID network (NOT real FIDs)"
+              " -> runs/ablations_fast")
+        args = ["--image=tmsa,bias", "--latent=tmsa", "--seeds=1", *args, "--fast", "--num=16", "--network=tiny-random",
                 "--out=runs/ablations_fast", "--results=runs/ablations_fast/results"]
     elif cuda_count() == 0:
-        print("== no CUDA: every variant for 800 steps of batch 64 on the CPU (about 90 min on 2 cores); --iters= to change")
-    stage("train, sample and score every variant (finished runs are only scored)", ["experiments/ablations.py", *args])
+        print("== no CUDA: the default variants of both families, 3 seeds each, on the CPU (about 2.5 h on 2 cores)")
+    stage("train, sample and score every variant and seed (finished runs are only scored)",
+          ["experiments/ablations.py", *args])
 
 
 def nfe(args):
