@@ -9,7 +9,7 @@ set -u
 D=$1
 export PYTHONUNBUFFERED=1 MINIDIFFIT_INCEPTION=/tmp/dev/inception.pt JOB_THREADS=1
 t0=$(date +%s)
-left() { echo $(( 570 - ($(date +%s) - t0) )); }
+left() { echo $(( 470 - ($(date +%s) - t0) )); }
 nvidia-smi -L
 echo "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34  /tmp/dev/inception.pt" | sha256sum -c || exit 3
 if nvidia-cuda-mps-control -d 2>/dev/null && timeout 60 python -c "import torch; torch.zeros(1).cuda().sum().item()"; then
@@ -17,7 +17,8 @@ if nvidia-cuda-mps-control -d 2>/dev/null && timeout 60 python -c "import torch;
 else
   echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "no MPS: the runs time-slice the GPU"
 fi
-timeout $(( $(left) - 270 )) python experiments/recipe.py --data_dir=$D --jobs=14 2>&1 | tee $OUT/recipe.log
+timeout $(( $(left) - 190 )) python experiments/recipe.py --data_dir=$D --jobs=14 2>&1 | tee $OUT/recipe.log
+[ -f runs/recipe/best.json ] || python experiments/recipe.py --best_only
 cp results/recipe.jsonl results/recipe.txt runs/recipe/best.json $OUT/ 2>/dev/null
 echo "== $(( $(date +%s) - t0 )) s: ablations with the search's best settings"
 timeout $(( $(left) - 20 )) python experiments/ablations.py --data_dir=$D --recipe=runs/recipe/best.json --jobs=15 \
