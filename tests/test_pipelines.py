@@ -109,3 +109,22 @@ def test_reproduce_sh_is_a_short_dispatcher():
         assert f"\n  {name} " in help_text
     assert '"$PY" -m minidiffit "$cmd"' in "\n".join(lines)
     assert set(pipelines.PIPELINES) <= set(COMMANDS)
+
+
+def test_the_tier_summary_reads_the_last_line_of_each_model(tmp_path):
+    lines = ["2026-11-30 10:13 UTC  FID 36.5944  samples 500 (x)  ref y  network n  fashion floor: train vs test, N=500",
+             "2026-11-30 10:14 UTC  FID 102.4068  KID 0.07000 +- 0.00500  samples 500 (x)  ref y  network n  "
+             "fashion image-space DiffiT, runs/fashion/edm, Heun 18 steps (35 NFE), N=500",
+             "2026-11-30 11:49 UTC  FID 107.0941  KID 0.08000 +- 0.00600  samples 500 (x)  ref y  network n  "
+             "fashion image-space DiffiT, runs/fashion/edm, Heun 18 steps (35 NFE), N=500"]
+    (tmp_path / "r.txt").write_text("\n".join(lines) + "\n")
+    summary = pipelines.fashion_summary(tmp_path / "r.txt", {"latent": tmp_path / "absent"})
+    assert summary == {"floor": {"fid": 36.5944}, "image": {"fid": 107.0941, "kid": 0.08, "kid_std": 0.006}}
+
+
+def test_the_committed_tier_summary_is_the_results_file_s():
+    import json
+
+    committed = json.loads((ROOT / "results" / "fashion.json").read_text())
+    for key, scores in pipelines.fashion_summary(ROOT / "results" / "fashion.txt").items():
+        assert {k: committed[key][k] for k in scores} == scores, key

@@ -212,6 +212,10 @@ def test_reproduce_fashion_fast_runs_every_stage_then_skips_them():
     lines = (out / "results.txt").read_text().splitlines()
     assert len(lines) == 3 and all("FID" in line and "N=20" in line for line in lines)
     assert [("floor" in l, "image-space" in l, "latent" in l) for l in lines] == [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    summary = json.loads((out / "results.json").read_text())  # what prose quotes (tests/test_quotes.py)
+    assert [summary[k]["fid"] for k in ("floor", "image", "latent")] == [float(l.split()[4]) for l in lines]
+    assert summary["image"]["steps"] == 2 and summary["latent"]["kimg"] == 2 * 8 / 1000
+    assert 0 < summary["autoencoder"]["scale"] and "psnr" in summary["autoencoder"] and summary["wall_minutes"] > 0
     second = run()
     assert second.returncode == 0 and "already done" in second.stdout and "up to date" in second.stdout
     assert (out / "results.txt").read_text().splitlines() == lines  # nothing measured twice

@@ -9,10 +9,14 @@ Paths the user types are relative to the directory they ran from; the stages run
 """
 
 import inspect
+import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from .stages import caller_args, caller_path, checked_training, cuda_count, fail, fast, only_keys, score, stage, tail
 
@@ -93,9 +97,38 @@ def fashion(args):
                            f"{latent}/samples_{num}.npz")]:
         score(f"6/6 FID vs {num} test images: {what}", samples, ref, results, f"{what}, N={num} [{where}]", f"{out}/fid", net)
     s = round(time.time() - t0)
+    summary = fashion_summary(results, {"image": edm, "autoencoder": f"{out}/ae", "latent": latent}, wall_s=s)
+    Path(results).with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"== done in {s // 60} min {s % 60} s: grids {edm}/samples.png, {latent}/samples.png, "
-          f"{latent}/guidance_{{1,4}}.png; FIDs in {results}")
+          f"{latent}/guidance_{{1,4}}.png; FIDs in {results}, a summary in {Path(results).with_suffix('.json')}")
     tail(results, 3)
+
+
+FID_LINE = re.compile(r"FID ([0-9.]+)(?:\s+KID ([-0-9.e]+) \+- ([0-9.e]+))?.*?  (fashion (floor|image-space|latent)\S*)")
+
+
+def fashion_summary(results, runs=None, wall_s=None):
+    """The tier's numbers in one JSON (the README and notebooks quote them from it; tests/test_quotes.py holds them
+    equal): the last FID (and KID) line of each model in `results`, and, for each run folder in `runs` that
+    exists, its steps, images, training minutes and rate, and the autoencoder's scale and test PSNR."""
+    summary = {}
+    for line in Path(results).read_text().splitlines():
+        m = FID_LINE.search(line)
+        if m:
+            key = {"floor": "floor", "image-space": "image", "latent": "latent"}[m[5]]
+            summary[key] = dict(fid=float(m[1]), **({"kid": float(m[2]), "kid_std": float(m[3])} if m[2] else {}))
+    for key, folder in (runs or {}).items():
+        ckpt = Path(folder) / "ckpt.pt"
+        if ckpt.is_file():
+            saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+            kimg = saved["step"] * saved["config"]["batch"] / 1000
+            facts = dict(steps=saved["step"], kimg=round(kimg, 2), train_minutes=round(saved["elapsed_s"] / 60, 2),
+                         img_per_s=round(kimg * 1000 / max(saved["elapsed_s"], 1e-9), 1))
+            facts.update({k: round(saved[k], 5) for k in ("scale", "psnr") if saved.get(k) is not None})
+            summary.setdefault(key, {}).update(facts)
+    if wall_s is not None:
+        summary["wall_minutes"] = round(wall_s / 60, 1)  # this invocation: skipped stages cost nothing
+    return summary
 
 
 def ablations(args):
