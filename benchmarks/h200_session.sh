@@ -1,10 +1,10 @@
 #!/bin/bash
-# The device session of 2026-12-04 on one H200 (the `device` tool's third call; the first two put the FID network,
-# carried in two halves, at /tmp/dev/inception.pt and ran `python -m minidiffit gpu-check`). It runs
-# experiments/recipe.py (the laptop tier's recipe search) and experiments/ablations.py (both families, 3 paired
-# seeds) with the package's float32 eager path (--bf16=false --compile=false, TF32 matmuls as select_device sets):
-# the CPU's arithmetic at the same number of images, many runs at once. Outputs -> $OUT (results/recipe.*,
-# results/ablations.*, logs). Usage there: bash benchmarks/h200_session.sh DATA_DIR
+# A prepared device session for a GPU (H100/H200) lease, NOT yet run (on 2026-12-04 no machine was lent). Before it,
+# two calls put the FID network at /tmp/dev/inception.pt (carried in two halves: the tree may carry 64 MiB) and run
+# `python -m minidiffit gpu-check`. It runs experiments/recipe.py (the laptop tier's recipe search) and
+# experiments/ablations.py (both families, 3 paired seeds) with the package's float32 eager path (--bf16=false
+# --compile=false, TF32 matmuls as select_device sets): the CPU's arithmetic at the same number of images, many
+# runs at once. Outputs -> $OUT (results/recipe.*, results/ablations.*, logs). There: bash benchmarks/h200_session.sh DATA_DIR
 set -u
 D=$1
 export PYTHONUNBUFFERED=1 MINIDIFFIT_INCEPTION=/tmp/dev/inception.pt JOB_THREADS=1
