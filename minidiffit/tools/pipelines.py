@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .stages import caller_args, caller_path, checked_training, cuda_count, fail, fast, only_keys, score, stage, tail
+from ..base.config import error_message
+from .stages import caller_args, caller_path, cuda_count, fast, only_keys, score, stage, tail
+from .tasks import config_from_args
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: runs/, results/, experiments/
 
@@ -32,7 +34,7 @@ def fashion(args):
     FIDs with the real Inception network against the test set beside the real-vs-real floor at the same sample
     count, appended to results/fashion.txt. --data_dir= is torchvision's Fashion-MNIST root (downloaded into
     ~/.cache/minidiffit without it). MINIDIFFIT_FAST=1: a few steps of each stage into runs/fashion_fast."""
-    only_keys("fashion", args, ["data_dir"])
+    only_keys(args, ["data_dir"])
     data_dir = [a for a in args if a != "--data_dir="][-1:]  # the last one wins, as the config parser does
     data = ["--data=fashion_mnist", *data_dir]
     out, edm_min, ae_min, lat_min, num, net, t0 = "runs/fashion", "10.5", "2", "6.5", 500, [], time.time()
@@ -134,7 +136,7 @@ def fashion_summary(results, runs=None, wall_s=None):
 def ablations(args):
     """ablations [--data_dir=DIR] [--image=a,b] [--latent=a,b] [--seeds=K] [--scale=X]: the paper's ablations in both
     families (how time enters the U-Net's and the latent transformer's blocks), paired seeds, experiments/ablations.py."""
-    only_keys("ablations", args, ["data_dir", "image", "latent", "seeds", "scale"])
+    only_keys(args, ["data_dir", "image", "latent", "seeds", "scale"])
     if fast():
         print("== FAST: two image variants and one latent, 2 steps each, N = 16, tiny random FID network (NOT real FIDs)"
               " -> runs/ablations_fast")
@@ -149,7 +151,7 @@ def ablations(args):
 def nfe(args):
     """nfe: after fashion, FID against network evaluations for every sampler of both models (experiments/fid_vs_nfe.py)."""
     if args:
-        fail("nfe", "takes no options (it reads runs/fashion)")
+        raise ValueError("takes no options (it reads runs/fashion)")
     if fast():
         print("== FAST: two samplers per model on runs/fashion_fast, N = 20, tiny random FID network (NOT real FIDs)")
     stage("FID against NFE, every sampler of both models (points already scored are kept)",
@@ -175,7 +177,7 @@ def cifar10(args):
                     "--warmup_kimg=0.5", "--augment_p=0", "--ckpt_every=200", "--log_every=10", "--grid=16"]
     given = {a.split("=", 1)[0] for a in args}
     train_args = [*[d for d in defaults if d.split("=", 1)[0] not in given], *args]  # a key once: the copyable line
-    cfg = checked_training("cifar10", train_args)
+    cfg = config_from_args(train_args)  # every key checked before the first stage
     out, ckpt = cfg.out, f"{cfg.out}/ckpt.pt"
     if ngpu == 0:
         stage(f"no CUDA: CPU tier, preset {cfg.preset} for a bounded time (--minutes=, default 30) -> {out}",
@@ -214,7 +216,7 @@ def imagenet256(args):
         a, args = args[0], args[1:]
         if a in ("--weights", "--ref"):
             if not args:
-                fail("imagenet256", f"{a} needs a file")
+                raise ValueError(f"{a} needs a file")
             a, args = f"{a}={caller_path(args[0])}", args[1:]
         if a.startswith("--weights="):
             weights = a.split("=", 1)[1]
@@ -223,15 +225,15 @@ def imagenet256(args):
         elif a.startswith("--") and "=" in a:
             train_args.append(a)
         elif a.startswith("-"):
-            fail("imagenet256", f"unknown option '{a}' (use --key=value)")
+            raise ValueError(f"unknown option '{a}' (use --key=value)")
         else:
             data_dir = caller_path(a)
     # Every training key is checked now, before the prepare stage (hours of VAE encoding on a GPU box).
-    checked_training("imagenet256", ["--task=latent", "--out=runs/imagenet256", *train_args])
+    config_from_args(["--task=latent", "--out=runs/imagenet256", *train_args])
     ngpu = cuda_count()
     if ngpu > 0:
         if not data_dir and not weights:
-            fail("imagenet256", "pass DATA_DIR (ImageNet's train folder, one subfolder per class) or --weights FILE")
+            raise ValueError("pass DATA_DIR (ImageNet's train folder, one subfolder per class) or --weights FILE")
         imagenet256_stages(ngpu, data_dir, weights, ref, train_args)
     else:
         print("== no CUDA. With GPUs this command would run (N = number of GPUs):")
@@ -256,7 +258,7 @@ def imagenet256_stages(gpus, data_dir, weights, ref, train_args, run=True):
           ["sample", source, "--num_samples=50000", "--steps=250", "--batch=64", f"--out={samples}", "--overwrite=true"],
           inputs=[] if weights else [ckpt], outputs=[samples], gpus=gpus, run=run)
     if run and not os.path.isfile(ref):
-        fail("imagenet256", f"ADM's reference batch {ref} is missing. Download it (1.5 GB) with\n"
+        raise ValueError(f"ADM's reference batch {ref} is missing. Download it (1.5 GB) with\n"
              f"  mkdir -p {os.path.dirname(ref)} && curl -L -o {ref} {ADM_REF_URL}\n"
              f"or pass --ref=PATH. The samples are in {samples}.")
     tag = f"imagenet256 {source} samples=50000 steps=250 nfe=500 (guidance doubles the batch)"
@@ -319,5 +321,8 @@ def main(argv):
     os.chdir(ROOT)  # the stages write runs/ and results/ of the repository, wherever the user ran from
     try:
         PIPELINES[name](args)
+    except ValueError as e:  # a bad option or setting, a missing file: one line, as run_command says it
+        print(f"minidiffit {name}: error: {error_message(e)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)  # the stage's command has said where it stopped; a rerun resumes there

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import torch
 
-from ..base.config import error_message
-from .tasks import config_from_args
 
 PATH_KEYS = ("--data_dir=", "--ref=", "--weights=", "--ckpt=")  # typed by the user, relative to their directory
 
@@ -77,11 +75,6 @@ def score(title, samples, ref, results, tag, stamps, network=()):
                  inputs=[samples, ref], outputs=[results], stamp=f"{stamps}/.scored_{samples.parent.name}_{samples.name}")
 
 
-def fail(prog, message):
-    print(f"minidiffit {prog}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def caller_path(path):
     """A path the user typed, made absolute against the directory they ran from (reproduce.sh exports it)."""
     if not path or os.path.isabs(path):
@@ -94,18 +87,10 @@ def caller_args(args):
     return [next((k + caller_path(a[len(k):]) for k in PATH_KEYS if a.startswith(k)), a) for a in args]
 
 
-def only_keys(prog, args, keys):
+def only_keys(args, keys):
     for a in args:
         if not any(a.startswith(f"--{k}=") for k in keys):
-            fail(prog, f"unknown option '{a}' (it takes {', '.join(f'--{k}=' for k in keys)} only)")
-
-
-def checked_training(prog, args):
-    """The training settings, every key and value checked now, before the first stage (hours on a GPU box)."""
-    try:
-        return config_from_args(args)
-    except ValueError as e:
-        fail(prog, error_message(e))
+            raise ValueError(f"unknown option '{a}' (it takes {', '.join(f'--{k}=' for k in keys)} only)")
 
 
 def cuda_count():
