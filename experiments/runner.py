@@ -71,9 +71,12 @@ def run(args, log):
     return p.stdout
 
 
+_threads = threading.local()  # CPU threads for the commands this thread starts (parallel() sets it per job)
+
+
 def job_env():
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", os.environ.get("JOB_THREADS", "2"))
+    env.setdefault("OMP_NUM_THREADS", os.environ.get("JOB_THREADS", str(getattr(_threads, "n", os.cpu_count() or 1))))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -120,9 +123,14 @@ def append_row(path, row):
 
 
 def parallel(fns, jobs):
-    """Call each fn (no arguments) on `jobs` threads, in order of submission; raises the first failure at the end."""
+    """Call each fn (no arguments) on `jobs` threads, in order of submission; raises the first failure at the end.
+    The cores are shared out: each job's commands get cores // jobs threads (JOB_THREADS= overrides)."""
+    def with_threads(fn):
+        _threads.n = max(1, (os.cpu_count() or 1) // jobs)
+        return fn()
+
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(fn) for fn in fns]
+        futures = [pool.submit(with_threads, fn) for fn in fns]
     errors = [f.exception() for f in futures if f.exception()]
     for e in errors:
         say(f"FAILED: {e}")

@@ -29,6 +29,21 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: runs/, results/, e
 # The laptop tier (DESIGN.md 2b)
 
 
+# The tier's recipe, in training images (kimg) so that the same command gives the same model on any machine (same
+# torch build); experiments/recipe.py measured each change at a fixed number of images (results/recipe.txt).
+# Choice: image space batch 16 (recipe rows e_b16 / e_b32 / e_base: at 32 kimg FID 120 / 126 / 155, KID 83 / 94 / 131
+# x1e-3: at this length more, smaller steps beat larger batches), lr 1e-3 after a 0.5 kimg warm-up, no augmentation,
+# EDM's EMA ramp (half-life at most 5% of the images seen). Latent batch 64 (l_b64 96.3 against 100.7 at 128), the
+# same lr and EMA; ADM's 250 ancestral steps at guidance 3 (l_dpm25 with DPM-Solver++(2M) 25 steps: 144; l_g2 106).
+# The ramp instead of DiT's 0.9999, which would keep the EMA at its initial weights through a run of a few thousand
+# steps. Lengths: what fits 30 minutes with sampling and FID on 2 development cores (runner.CPU_RATE).
+FASHION = {
+    "edm": dict(batch=16, lr=1e-3, warmup_kimg=0.5, ema_halflife_kimg=500, ema_rampup=0.05, kimg=36),
+    "autoencoder": dict(batch=64, lr=2e-3, kimg=48),
+    "latent": dict(batch=64, lr=1e-3, ema_halflife_kimg=500, ema_rampup=0.05, kimg=96, sample=dict(steps=250, guidance=3)),
+}
+
+
 def fashion(args):
     """fashion [--data_dir=DIR]: both DiffiT pipelines on Fashion-MNIST through the package's real code paths, then
     FIDs with the real Inception network against the test set beside the real-vs-real floor at the same sample
@@ -37,40 +52,39 @@ def fashion(args):
     only_keys(args, ["data_dir"])
     data_dir = [a for a in args if a != "--data_dir="][-1:]  # the last one wins, as the config parser does
     data = ["--data=fashion_mnist", *data_dir]
-    out, edm_min, ae_min, lat_min, num, net, t0 = "runs/fashion", "10.5", "2", "6.5", 500, [], time.time()
-    edm_len = ae_len = lat_len = prep = None
-    lat_steps, where = 250, "CPU (2 cores assumed)"
+    out, num, net, t0, r = "runs/fashion", 500, [], time.time(), FASHION
+    lat_steps, lat_guidance, where, scale, prep = r["latent"]["sample"]["steps"], r["latent"]["sample"]["guidance"], "CPU", 1, []
     if fast():
         out, num, net, lat_steps, where = "runs/fashion_fast", 20, ["--network=tiny-random"], 5, "FAST pipeline check, NOT real FIDs"
-        edm_len, ae_len, lat_len, prep = ["--iters=2", "--batch=8"], ["--iters=3", "--batch=16"], ["--iters=2", "--batch=8"], ["--num=64"]
+        r, prep = {k: dict(v, batch=8, kimg=2 * 8 / 1000) for k, v in r.items()}, ["--num=64"]
         print(f"== FAST: every stage for a few steps -> {out}")
     elif cuda_count() > 0:
-        edm_min, ae_min, lat_min, num, where = "60", "10", "60", 10000, "CUDA, longer budgets and 10000 samples"
-        print(f"== CUDA: the same stages with longer budgets ({edm_min} + {ae_min} + {lat_min} min) and {num} samples per FID")
+        scale, num, where = 8, 10000, "CUDA, 8x the images and 10000 samples"
+        print(f"== CUDA: the same stages for {scale}x the training images, {num} samples per FID")
     else:
-        print(f"== no CUDA: CPU budgets {edm_min} + {ae_min} + {lat_min} min of training, FIDs on {num} samples (about 30 min)")
-    edm_len = edm_len or [f"--minutes={edm_min}", "--iters=1000000", "--batch=64"]
-    ae_len = ae_len or [f"--minutes={ae_min}"]
-    lat_len = lat_len or [f"--minutes={lat_min}", "--iters=1000000", "--batch=128"]
-    edm, latent = f"{out}/edm", f"{out}/latent"
+        print("== no CUDA: " + ", ".join(f"{k} {v['kimg']:g} kimg" for k, v in r.items()) + f" of training, FIDs on "
+              f"{num} samples (about 30 min on 2 cores)")
 
-    # Choice: laptop settings: batch 64, lr 1e-3 after a 0.5 kimg warm-up, no augmentation, EDM's EMA ramp.
+    def length(task):  # a fixed number of training images, not minutes: the same model on any machine
+        s = r[task]
+        iters = max(1, round(s["kimg"] * scale * 1000 / s["batch"]))
+        return [f"--iters={iters}", f"--batch={s['batch']}", f"--lr={s['lr']}", f"--ckpt_every={max(iters // 10, 1)}",
+                f"--log_every={max(iters // 50, 1)}", "--grid=0",
+                *[f"--{k}={s[k]}" for k in ("warmup_kimg", "ema_halflife_kimg", "ema_rampup") if k in s]]
+
+    edm, latent = f"{out}/edm", f"{out}/latent"
     stage(f"1/6 image space: DiffiT U-Net (preset fashion, 1 channel, TMSA), EDM recipe -> {edm}",
-          ["train", "--preset=fashion", *data, f"--out={edm}", *edm_len, "--lr=1e-3", "--warmup_kimg=0.5",
-           "--augment_p=0", "--ckpt_every=200", "--log_every=20", "--grid=0"])
+          ["train", "--preset=fashion", *data, f"--out={edm}", *length("edm"), "--augment_p=0"])
     stage(f"a grid of 100 samples -> {edm}/samples.png",
           ["sample", f"--ckpt={edm}/ckpt.pt", "--num_samples=100", "--nrow=10", f"--out={edm}/samples.png",
            "--overwrite=true"], inputs=[f"{edm}/ckpt.pt"], outputs=[f"{edm}/samples.png"])
     stage(f"2/6 latent space: a small autoencoder (32x32x1 -> 8x8x4), its scale measured as 1/std -> {out}/ae",
-          ["autoencoder", *data, f"--out={out}/ae", *ae_len])
+          ["autoencoder", *data, f"--out={out}/ae", *length("autoencoder")])
     stage(f"3/6 prepare: its latents of the training set, both flips, shards + manifest -> {out}/latents",
           ["imagenet", "prepare", *data, f"--out={out}/latents", f"--vae={out}/ae/ckpt.pt", "--num_workers=0",
-           "--batch=256", *(prep or [])])
-    # Choice: EDM's EMA ramp (half-life at most 5% of the images seen) instead of DiT's 0.9999, which would keep the
-    # EMA at its initial weights through a run of a few thousand steps.
+           "--batch=256", *prep])
     stage(f"4/6 latent DiffiT (preset fashion), class labels with dropout 0.1, ADM diffusion, learned variance -> {latent}",
-          ["train", "--task=latent", "--preset=fashion", f"--data_dir={out}/latents", f"--out={latent}", *lat_len,
-           "--lr=1e-3", "--ema_halflife_kimg=500", "--ema_rampup=0.05", "--ckpt_every=200", "--log_every=20", "--grid=0"])
+          ["train", "--task=latent", "--preset=fashion", f"--data_dir={out}/latents", f"--out={latent}", *length("latent")])
     # column c holds class c; the sweep uses the same seeds (same noise, same classes) at guidance 1 and 4
     for name, n, guidance in [("samples", 100, []), ("guidance_1", 30, ["--guidance=1"]), ("guidance_4", 30, ["--guidance=4"])]:
         stage(f"a grid of {n} samples -> {latent}/{name}.png",
@@ -82,7 +96,7 @@ def fashion(args):
            "--overwrite=true"], inputs=[f"{edm}/ckpt.pt"], outputs=[f"{edm}/samples_{num}.npz"])
     stage(f"5/6 samples for FID: {num} of the latent model",
           ["sample", f"--ckpt={latent}/ckpt.pt", f"--num_samples={num}", "--batch=100", f"--steps={lat_steps}",
-           f"--out={latent}/samples_{num}.npz", "--overwrite=true"], inputs=[f"{latent}/ckpt.pt"],
+           f"--guidance={lat_guidance}", f"--out={latent}/samples_{num}.npz", "--overwrite=true"], inputs=[f"{latent}/ckpt.pt"],
           outputs=[f"{latent}/samples_{num}.npz"])
 
     ref = f"{out}/fid/test_{num}.npz"
@@ -95,7 +109,7 @@ def fashion(args):
     Path(results).parent.mkdir(parents=True, exist_ok=True)
     for what, samples in [("fashion floor: Fashion-MNIST train vs test", f"{out}/fid/train_{num}.npz"),
                           (f"fashion image-space DiffiT, {edm}, Heun 18 steps (35 NFE)", f"{edm}/samples_{num}.npz"),
-                          (f"fashion latent DiffiT, {latent}, {lat_steps} ancestral steps, guidance default",
+                          (f"fashion latent DiffiT, {latent}, {lat_steps} ancestral steps, guidance {lat_guidance:g}",
                            f"{latent}/samples_{num}.npz")]:
         score(f"6/6 FID vs {num} test images: {what}", samples, ref, results, f"{what}, N={num} [{where}]", f"{out}/fid", net)
     s = round(time.time() - t0)
@@ -124,7 +138,7 @@ def fashion_summary(results, runs=None, wall_s=None):
         if ckpt.is_file():
             saved = torch.load(ckpt, map_location="cpu", weights_only=False)
             kimg = saved["step"] * saved["config"]["batch"] / 1000
-            facts = dict(steps=saved["step"], kimg=round(kimg, 2), train_minutes=round(saved["elapsed_s"] / 60, 2),
+            facts = dict(steps=saved["step"], kimg=round(kimg, 3), train_minutes=round(saved["elapsed_s"] / 60, 2),
                          img_per_s=round(kimg * 1000 / max(saved["elapsed_s"], 1e-9), 1))
             facts.update({k: round(saved[k], 5) for k in ("scale", "psnr") if saved.get(k) is not None})
             summary.setdefault(key, {}).update(facts)
