@@ -20,9 +20,10 @@ PY = [sys.executable, "-m", "minidiffit"]
 
 # Budgets are in training images; what they cost on the development machine (2 idle cores, torch 2.14.1, eager
 # float32) is kimg / these rates in img/s: training only, measured 2026-12-04 from `python -m minidiffit train` runs
-# of 4.8 kimg (edm), 7.7 (autoencoder) and 25.6 (latent) at the batch named, one at a time on an idle machine.
-CPU_RATE = {("edm", 32): 65.4, ("edm", 64): 59.8, ("edm", 128): 58.0, ("autoencoder", 64): 450.0,
-            ("latent", 64): 330.7, ("latent", 128): 372.1, ("latent", 256): 402.5}
+# of 4.8 kimg (edm), 7.7 (autoencoder) and 25.6 (latent) at the batch named, one at a time on an idle machine; edm at
+# batch 16 and latent at 64: the tier's own stages (36 and 96 kimg, bash reproduce.sh fashion, 2026-12-05).
+CPU_RATE = {("edm", 16): 71.3, ("edm", 32): 65.4, ("edm", 64): 59.8, ("edm", 128): 58.0, ("autoencoder", 64): 455.2,
+            ("latent", 64): 385.0, ("latent", 128): 372.1, ("latent", 256): 402.5}
 
 
 def cpu_minutes(task, batch, kimg):
