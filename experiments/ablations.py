@@ -10,8 +10,8 @@ seeds and scored by FID and KID on N samples against N Fashion-MNIST test images
 shares data order, initialisation where shapes allow and sampling noise, so each variant is compared with TMSA by
 the paired difference over seeds, with a 95% t interval: separated only when it excludes zero (tools/compare.py).
 The latent family trains one autoencoder (the tier's settings, seed 0) and shares its latents.
-Runs go to runs/ablations/ (finished runs are only scored again when their row is missing); the tables to
-results/ablations.{txt,json}. The paper's numbers are CIFAR-10 and ImageNet FIDs: only the order compares.
+Runs go to runs/ablations/, one row per finished run to results/ablations_rows.jsonl (a run with a row is not run
+again, so an interrupted experiment resumes, also on another checkout), the tables to results/ablations.{txt,json}. The paper's numbers are CIFAR-10 and ImageNet FIDs: only the order compares.
 """
 
 import argparse
@@ -96,7 +96,9 @@ def main():
         unknown = [n for n in names if n not in FAMILIES[family][3]]
         if unknown:
             raise SystemExit(f"ablations: unknown {family} variant(s) {unknown}; choose from {', '.join(FAMILIES[family][3])}")
-    out, rows_path = ROOT / args.out, ROOT / args.out / "rows.jsonl"
+    # Choice: the rows live beside the tables in results/ (committed), the runs in runs/: an experiment longer than
+    # one sitting resumes from the rows on another checkout and trains only the runs it lacks.
+    out, rows_path = ROOT / args.out, ROOT / (args.results + "_rows.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     ref, floor = references(out, args.data_dir, args.num, args.network)
     have = {(r["family"], r["variant"], r["seed"]) for r in done_rows(rows_path)}
@@ -129,7 +131,8 @@ def main():
         append_row(rows_path, row)
         say(f"{family} {name} seed {seed}: FID {row['fid']:.2f}")
 
-    todo = [(f, n, k) for f in FAMILIES for n in chosen[f] for k in range(args.seeds) if (f, n, k) not in have]
+    # seed-major: seed k of every variant of a family runs before seed k + 1, so a stopped run leaves complete pairs
+    todo = [(f, n, k) for f in FAMILIES for k in range(args.seeds) for n in chosen[f] if (f, n, k) not in have]
     cost = sum(cpu_minutes(FAMILIES[f][0], recipe[FAMILIES[f][0]]["batch"], FAMILIES[f][2] * args.scale) for f, _, _ in todo)
     print(f"{len(todo)} runs to train and score: about {cost:.0f} min of training on 2 development cores "
           f"(runner.CPU_RATE), plus about 3 min of sampling and FID per run there", flush=True)
