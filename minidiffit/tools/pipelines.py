@@ -148,9 +148,10 @@ def fashion_summary(results, runs=None, wall_s=None):
 
 
 def ablations(args):
-    """ablations [--data_dir=DIR] [--image=a,b] [--latent=a,b] [--seeds=K] [--scale=X]: the paper's ablations in both
-    families (how time enters the U-Net's and the latent transformer's blocks), paired seeds, experiments/ablations.py."""
-    only_keys(args, ["data_dir", "image", "latent", "seeds", "scale"])
+    """ablations [--data_dir=DIR] [--image=a,b] [--latent=a,b] [--seeds=K] [--scale=X] [--jobs=J]: the paper's ablations
+    in both families (how time enters the U-Net's and the latent transformer's blocks), paired seeds,
+    experiments/ablations.py."""
+    only_keys(args, ["data_dir", "image", "latent", "seeds", "scale", "jobs"])
     if fast():
         print("== FAST: two image variants and one latent, 2 steps each, N = 16, tiny random FID network (NOT real FIDs)"
               " -> runs/ablations_fast")
