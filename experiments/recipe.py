@@ -37,6 +37,12 @@ RUNS = {
     "e_b32_lr2e-3": ("edm", dict(batch=32, lr=2e-3)),
     "e_b16": ("edm", dict(batch=16)),
     "e_b16_lr5e-4": ("edm", dict(batch=16, lr=5e-4)),
+    "e_b8": ("edm", dict(batch=8)),
+    "e_b8_lr5e-4": ("edm", dict(batch=8, lr=5e-4)),
+    "e_b16_ema0.025": ("edm", dict(batch=16, ema_rampup=0.025)),
+    "e_b16_ema_off": ("edm", dict(batch=16, ema_halflife_kimg=0)),
+    "e_b16_pmean-0.8": ("edm", dict(batch=16, p_mean=-0.8)),
+    "e_b16_pmean-1.6": ("edm", dict(batch=16, p_mean=-1.6)),
     "e_b128_lr2e-3": ("edm", dict(batch=128, lr=2e-3)),
     "e_beta2_0.99": ("edm", dict(betas="0.9,0.99")),
     "e_ema0.1": ("edm", dict(ema_rampup=0.1)),
@@ -62,6 +68,10 @@ RUNS = {
     "l_lr5e-4": ("latent", dict(lr=5e-4)),
     "l_b64": ("latent", dict(batch=64)),
     "l_b64_lr5e-4": ("latent", dict(batch=64, lr=5e-4)),
+    "l_b32": ("latent", dict(batch=32)),
+    "l_b64_g4": ("latent", dict(batch=64, sample=dict(steps=250, guidance=4))),
+    "l_b64_steps100": ("latent", dict(batch=64, sample=dict(steps=100, guidance=3))),
+    "l_b64_kimg192": ("latent", dict(batch=64, kimg=192)),
     "l_b256_lr2e-3": ("latent", dict(batch=256, lr=2e-3)),
     "l_beta2_0.99": ("latent", dict(betas="0.9,0.99")),
     "l_ema0.1": ("latent", dict(ema_rampup=0.1)),
@@ -134,13 +144,17 @@ def main():
         else:
             npz = out / f"{name}_samples_{args.num}.npz"
             run(sample_args(run_dir / "ckpt.pt", npz, args.num, s.get("sample", {})), log)
+        if name in have:  # an autoencoder rebuilt for its latents: same settings, its row is already there
+            return
         row = dict(name=name, task=task, setting=describe(task, s), kimg=s["kimg"],
                    cpu_minutes=cpu_minutes(task, s["batch"], s["kimg"]), **score(npz, ref, args.network, log),
                    device=device)
         append_row(rows_path, row)
         say(f"{name}: FID {row['fid']:.2f} ({row['setting']})")
 
-    first = [n for n in names if RUNS[n][0] != "latent" and n not in have]
+    # An autoencoder scored before (its row is there) but not on this checkout is trained again for its latents.
+    first = [n for n in names if RUNS[n][0] != "latent" and (n not in have or (RUNS[n][0] == "autoencoder" and any(
+        RUNS[m][0] == "latent" and m not in have for m in names) and not (out / n / "latents" / "manifest.json").is_file()))]
     then = [n for n in names if RUNS[n][0] == "latent" and n not in have]
     # Latent runs that share a model: the first trains it; the others wait for that phase to end (sorted first).
     then.sort(key=lambda n: train_key(*settings(n)))

@@ -41,7 +41,7 @@ def train_args(task, s, out, data_dir):
     common = [f"--out={out}", f"--iters={iters}", f"--batch={s['batch']}", f"--lr={s['lr']}", f"--seed={s.get('seed', 0)}",
               f"--ckpt_every={max(iters // 4, 1)}", f"--log_every={max(iters // 20, 1)}", "--grid=0",
               "--bf16=false", "--compile=false"]  # float32 eager on CUDA too: the CPU's arithmetic, faster
-    for key in ("warmup_kimg", "ema_halflife_kimg", "ema_rampup", "betas", "time_mode", "window_size", "arch"):
+    for key in ("warmup_kimg", "ema_halflife_kimg", "ema_rampup", "betas", "time_mode", "window_size", "arch", "p_mean", "p_std"):
         if key in s:
             common.append(f"--{key}={s[key]}")
     if task == "edm":

@@ -77,6 +77,10 @@ def features(images, net, batch_size=100, bar=True):
     `bar`: a progress bar on a terminal (runtime.progress_bar); callers that feed batches one at a time keep their own.
     """
     device = next(net.parameters()).device
+    # Choice: on a CPU the network sees at most 10 images at a time: Inception's activations at batch 100
+    # (~0.5 GB per layer at 147 x 147) overflow the caches; 10 ran 1.4x the img/s of 100 on 2 cores
+    # (benchmarks/fid_speed.py). Same features.
+    step = batch_size if device.type == "cuda" else min(batch_size, 10)
     total = len(images) if isinstance(images, (np.ndarray, torch.Tensor)) else None
     if total is not None:
         images = [images[i : i + batch_size] for i in range(0, total, batch_size)]
@@ -84,8 +88,8 @@ def features(images, net, batch_size=100, bar=True):
     with _full_float32(), progress_bar(total=total, desc="FID features", unit="img", enabled=bar) as progress:
         for batch in images:
             x = as_uint8_nchw(batch).to(device)
-            for i in range(0, len(x), batch_size):
-                out.append(net(preprocess(x[i : i + batch_size], net.input_size)).float().cpu().numpy())
+            for i in range(0, len(x), step):
+                out.append(net(preprocess(x[i : i + step], net.input_size)).float().cpu().numpy())
             progress.update(len(x))
     return np.concatenate(out) if out else np.zeros((0, net.feature_dim), np.float32)
 

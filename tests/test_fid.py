@@ -1,6 +1,7 @@
 """FID: the distance against closed forms and a direct scipy formula, streamed statistics, precision/recall on
 constructed sets, our Inception against the TorchScript reference network, weight loading, and the CLI."""
 
+import copy
 import os
 import urllib.error
 
@@ -187,7 +188,7 @@ def test_pytorch_fid_state_dict_loads(tmp_path):
     state = inception.InceptionV3FID().state_dict()  # random conv weights; make the BN tensors random too
     state = {k: torch.rand_like(v) if ".bn." in k and v.is_floating_point() else v for k, v in state.items()}
     torch.save({**state, "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}, tmp_path / "w.pth")
-    net = inception.load_inception(str(tmp_path / "w.pth"))
+    net = inception.load_inception(str(tmp_path / "w.pth"), fused=False)  # the weights as loaded, unfolded
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
@@ -210,6 +211,22 @@ def test_offline_download_error_names_url_and_path_option(monkeypatch):
         inception.load_inception("/no/such/inception.pt")
 
 
+def test_fused_inception_equals_readable():
+    """fuse() folds each BatchNorm into its conv and switches to channels-last: the same features to rounding."""
+    torch.manual_seed(0)
+    net = inception.InceptionV3FID().eval()
+    for m in net.modules():  # BatchNorm statistics far from the identity, so that a wrong fold shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 299, 299)
+    with torch.no_grad():
+        expected = net(x)
+        fused = copy.deepcopy(net).fuse()
+        got = fused(x)
+    assert fused.channels_last and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_eager_inception_matches_torchscript():
     path = os.environ.get("MINIDIFFIT_INCEPTION")
@@ -217,7 +234,10 @@ def test_eager_inception_matches_torchscript():
         pytest.skip("set MINIDIFFIT_INCEPTION to the TorchScript inception-2015-12-05 .pt file (.ci/run does, "
                     "from ../shared/data/weights) to compare our Inception with the reference network")
     scripted = torch.jit.load(path, map_location="cpu").eval()
-    net = inception.load_inception(path)
+    net = inception.load_inception(path)  # the fast path (fused); the readable one below
+    with torch.no_grad():
+        x = torch.randn(2, 3, 299, 299, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(inception.load_inception(path, fused=False)(x), scripted(x), rtol=1e-5, atol=1e-5)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=g)
     with torch.no_grad():

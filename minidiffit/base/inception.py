@@ -122,8 +122,26 @@ class InceptionV3FID(nn.Module):
         self.Mixed_7a = tv.InceptionD(768)
         self.Mixed_7b = FIDInceptionE(1280)
         self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+        self.channels_last = False  # fuse() sets it: the input is converted to NHWC, the layout of the fast path
+
+    def fuse(self):
+        """The fast path: each conv -> BatchNorm pair folded into one conv with a bias, weights and input in
+        channels-last (NHWC) layout. Same features to float rounding (tests/test_fid.py: within 1e-5 of the
+        unfused network and of the TorchScript graph). On 2 CPU cores 1.7x the images per second at batch 10,
+        2.2x at batch 100 (benchmarks/fid_speed.py): fewer passes over the activations, oneDNN's NHWC kernels.
+        Call it after loading the weights; returns self."""
+        for m in self.modules():
+            if isinstance(m, tv.BasicConv2d) and isinstance(m.bn, nn.BatchNorm2d):
+                scale = m.bn.weight / torch.sqrt(m.bn.running_var + m.bn.eps)  # BN(y) = scale * y + shift
+                m.conv.weight.data.mul_(scale[:, None, None, None])
+                m.conv.bias = nn.Parameter(m.bn.bias - m.bn.running_mean * scale)
+                m.bn = nn.Identity()
+        self.channels_last = True
+        return self.to(memory_format=torch.channels_last)
 
     def forward(self, x):  # (B, 3, 299, 299)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         for layer in self.children():
             x = layer(x)  # (B, 2048, 8, 8) after Mixed_7c
         return x.mean(dim=(2, 3))  # (B, 2048): the global average pool
@@ -213,8 +231,9 @@ def _download_pytorch_fid_weights():
         ) from None
 
 
-def load_inception(path=None, device="cpu"):
-    """The FID network, eval mode, float32, on `device`.
+def load_inception(path=None, device="cpu", fused=True):
+    """The FID network, eval mode, float32, on `device`; `fused`: its fast path (InceptionV3FID.fuse), else
+    the readable conv -> BatchNorm -> ReLU layers as loaded.
 
     path: a pytorch-fid `.pth` state dict or the TorchScript `inception-2015-12-05` file; None -> the
     `MINIDIFFIT_INCEPTION` environment variable, else pytorch-fid's weights (downloaded once into torch.hub's
@@ -241,7 +260,8 @@ def load_inception(path=None, device="cpu"):
         raise ValueError(f"{path or PYTORCH_FID_URL} is not an FID Inception checkpoint: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     net.source = str(path or PYTORCH_FID_URL)  # printed beside every FID: where the numbers came from
-    return net.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    net = net.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    return net.fuse() if fused else net
 
 
 class TinyFeatureNet(nn.Module):

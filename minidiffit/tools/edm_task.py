@@ -34,6 +34,8 @@ class Config(RunConfig):
     lr: float = 1e-3  # Adam learning rate after warm-up (EDM CIFAR-10: 1e-3; FFHQ-64: 2e-4)
     warmup_kimg: float = 10_000  # linear lr warm-up over this many thousand images (EDM: 10 Mimg)
     augment_p: float = 0.12  # EDM non-leaky augmentation probability (CIFAR-10: 0.12; 0 = off)
+    p_mean: float = -1.2  # training noise levels: ln(sigma) ~ N(p_mean, p_std^2) (EDM Table 1)
+    p_std: float = 1.2
     sample_steps: int = 18  # Heun steps for the grid (18 = 35 network evaluations, EDM CIFAR-10)
 
     def validate(self):
@@ -45,6 +47,7 @@ class Config(RunConfig):
         check(self.num_data > 0, f"--num_data={self.num_data}: must be > 0")
         check(0 <= self.augment_p <= 1 and (self.dropout is None or 0 <= self.dropout < 1),
               "--augment_p must be in [0, 1] and --dropout in [0, 1)")
+        check(self.p_std > 0, f"--p_std={self.p_std}: must be > 0")
         check(self.augment_p == 0 or UNET_PRESETS[self.preset].augment_dim > 0,
               f"--augment_p={self.augment_p} needs a preset with augment_dim > 0 (non-leaky augmentation feeds its "
               f"labels to the net); pass --augment_p=0")
@@ -75,7 +78,7 @@ def loss(model, images, labels, cfg):
     augment_labels = None
     if cfg.augment_p > 0:
         images, augment_labels = augment(images, p=cfg.augment_p)  # (B, C, H, W), (B, 9)
-    return edm_loss(model, images, augment_labels)  # (B,)
+    return edm_loss(model, images, augment_labels, P_mean=cfg.p_mean, P_std=cfg.p_std)  # (B,)
 
 
 # sample.py --sampler: name -> the sampler, called (denoiser, noise, num_steps=)
