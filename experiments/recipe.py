@@ -39,6 +39,7 @@ RUNS = {
     "e_b16_lr5e-4": ("edm", dict(batch=16, lr=5e-4)),
     "e_b8": ("edm", dict(batch=8)),
     "e_b8_lr5e-4": ("edm", dict(batch=8, lr=5e-4)),
+    "e_b8_kimg48": ("edm", dict(batch=8, kimg=48)),  # against the tier's own batch 16 at 48 kimg (results/fashion.txt)
     "e_b16_ema0.025": ("edm", dict(batch=16, ema_rampup=0.025)),
     "e_b16_ema_off": ("edm", dict(batch=16, ema_halflife_kimg=0)),
     "e_b16_pmean-0.8": ("edm", dict(batch=16, p_mean=-0.8)),
