@@ -29,9 +29,9 @@ from minidiffit.tools.pipelines import FASHION
 from minidiffit.tools.compare import interval, paired_difference, verdict
 
 # family: (task, the tier's recipe, thousands of training images per run, {variant: (changes, what the paper reports)}).
-# Choice: by default 2 variants per family x 3 paired seeds, at the tier's lengths (pipelines.FASHION: image 36 kimg,
-# 25.6 in the first pass; latent 96 kimg), so seed 0 of TMSA is the tier's model: about 2.5 h on 2 development cores
-# (runner.CPU_RATE; ~3 min of sampling and FID per run on top). Fewer
+# Choice: by default 2 variants per family x 3 paired seeds, at the tier's lengths (pipelines.FASHION: image 48 kimg,
+# latent 192 kimg; the earlier passes' 25.6 / 36 and 96 kimg rows stay in the rows file), so seed 0 of TMSA is the
+# tier's model: about 2.5 h on 2 development cores (runner.CPU_RATE; ~3 min of sampling and FID per run on top). Fewer
 # variants for longer: TMSA against time in the MLP (config G: the same block with time moved out of attention) in
 # image space, and against DiT's adaLN-Zero in the latent transformer (the paper's headline comparison, Fig. 7b).
 # Dropped from the default, run with --image= / --latent=: bias (F), token (Table 7), windows 2/8, the diffusers
@@ -101,11 +101,15 @@ def main():
     out, rows_path = ROOT / args.out, ROOT / (args.results + "_rows.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     ref, floor = references(out, args.data_dir, args.num, args.network)
-    have = {(r["family"], r["variant"], r["seed"]) for r in done_rows(rows_path)}
     device = torch.cuda.get_device_name() if cuda else "CPU"
 
     def length(s, kimg):  # the recipe's settings at this run's length
         return dict(s, kimg=2 * 8 / 1000, batch=8) if args.fast else dict(s, kimg=kimg * args.scale)
+
+    def current():
+        return rows_at(done_rows(rows_path), {f: length({}, FAMILIES[f][2])["kimg"] for f in FAMILIES})
+
+    have = {(r["family"], r["variant"], r["seed"]) for r in current()}
 
     def autoencoder():
         s, log = length(recipe["autoencoder"], recipe["autoencoder"]["kimg"]), out / "ae.log"
@@ -118,7 +122,8 @@ def main():
         s = dict(length(recipe[task], kimg), seed=seed, **variants[name][0])
         if task == "latent":
             s["latents"] = str(out / "ae" / "latents")
-        run_dir, log = out / f"{family}_{name}_s{seed}", out / f"{family}_{name}_s{seed}.log"
+        key = f"{family}_{name}_s{seed}_k{s['kimg']:g}"  # another length is another run, never a resume
+        run_dir, log = out / key, out / f"{key}.log"
         run(train_args(task, s, run_dir, args.data_dir), log)
         npz = run_dir / f"samples_{args.num}.npz"
         run(sample_args(run_dir / "ckpt.pt", npz, args.num, s.get("sample", {})), log)
@@ -141,9 +146,15 @@ def main():
     parallel([lambda t=t: job(*t) for t in todo], args.jobs)
     wanted = {(f, n, k) for f in FAMILIES for n in chosen[f] for k in range(args.seeds)}
     order = {(f, n): i for i, (f, n) in enumerate((f, n) for f in FAMILIES for n in FAMILIES[f][3])}
-    rows = sorted((r for r in done_rows(rows_path) if (r["family"], r["variant"], r["seed"]) in wanted),
+    rows = sorted((r for r in current() if (r["family"], r["variant"], r["seed"]) in wanted),
                   key=lambda r: (order[r["family"], r["variant"]], r["seed"]))
     write_table(rows, args, floor["fid"])
+
+
+def rows_at(rows, kimg):
+    """The rows whose run saw its family's length kimg[family]: rows of another recipe (another length) stay in the
+    rows file as history, and neither count as done nor enter the tables."""
+    return [r for r in rows if abs(r["kimg"] - kimg[r["family"]]) < 1e-6]
 
 
 def write_table(rows, args, floor):

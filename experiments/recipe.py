@@ -44,6 +44,7 @@ RUNS = {
     "e_b16_ema_off": ("edm", dict(batch=16, ema_halflife_kimg=0)),
     "e_b16_pmean-0.8": ("edm", dict(batch=16, p_mean=-0.8)),
     "e_b16_pmean-1.6": ("edm", dict(batch=16, p_mean=-1.6)),
+    "e_b16_w8": ("edm", dict(batch=16, window_size=8)),  # 8x8 windows: global attention at the 8x8 stage
     "e_b128_lr2e-3": ("edm", dict(batch=128, lr=2e-3)),
     "e_beta2_0.99": ("edm", dict(betas="0.9,0.99")),
     "e_ema0.1": ("edm", dict(ema_rampup=0.1)),
@@ -140,22 +141,25 @@ def main():
         if task == "autoencoder":
             run(["imagenet", "prepare", "--data=fashion_mnist", f"--data_dir={args.data_dir}", f"--out={run_dir}/latents",
                  f"--vae={run_dir}/ckpt.pt", "--num_workers=0", "--batch=256", *(["--num=64"] if args.fast else [])], log)
+        if name in have:  # an autoencoder rebuilt for its latents: same settings, its row is already there
+            return
+        if task == "autoencoder":
             npz = run_dir / f"recon_{args.num}.npz"
             run(["experiments/recipe_recon.py", str(run_dir / "ckpt.pt"), str(npz), args.data_dir, str(args.num)], log)
         else:
             npz = out / f"{name}_samples_{args.num}.npz"
             run(sample_args(run_dir / "ckpt.pt", npz, args.num, s.get("sample", {})), log)
-        if name in have:  # an autoencoder rebuilt for its latents: same settings, its row is already there
-            return
         row = dict(name=name, task=task, setting=describe(task, s), kimg=s["kimg"],
                    cpu_minutes=cpu_minutes(task, s["batch"], s["kimg"]), **score(npz, ref, args.network, log),
                    device=device)
         append_row(rows_path, row)
         say(f"{name}: FID {row['fid']:.2f} ({row['setting']})")
 
-    # An autoencoder scored before (its row is there) but not on this checkout is trained again for its latents.
-    first = [n for n in names if RUNS[n][0] != "latent" and (n not in have or (RUNS[n][0] == "autoencoder" and any(
-        RUNS[m][0] == "latent" and m not in have for m in names) and not (out / n / "latents" / "manifest.json").is_file()))]
+    def needs_latents(ae):  # an autoencoder scored before (its row is there) but whose latents this checkout lacks
+        pending = any(RUNS[m][0] == "latent" and m not in have and settings(m)[1]["ae"] == ae for m in names)
+        return pending and not (out / ae / "latents" / "manifest.json").is_file()
+
+    first = [n for n in names if RUNS[n][0] != "latent" and (n not in have or RUNS[n][0] == "autoencoder" and needs_latents(n))]
     then = [n for n in names if RUNS[n][0] == "latent" and n not in have]
     # Latent runs that share a model: the first trains it; the others wait for that phase to end (sorted first).
     then.sort(key=lambda n: train_key(*settings(n)))

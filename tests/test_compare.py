@@ -58,3 +58,7 @@ def test_the_ablations_report_pairs_each_variant_with_tmsa_by_seed():
     assert by_name["bias"]["diff"] == pytest.approx((4.4 + 5.3 + 6.0) / 3)
     assert by_name["same"]["verdict"] == "not separated at this budget"
     assert "verdict" not in by_name["tmsa"] and ablations.compare_to_tmsa(rows[3:6]) == []
+    # rows from another recipe's length neither count as done nor enter the tables; they stay in the file
+    old_and_new = [dict(family=f, variant="tmsa", seed=0, kimg=k) for f, k in [("image", 36.0), ("image", 48.0),
+                                                                               ("latent", 96.0), ("latent", 192.0)]]
+    assert ablations.rows_at(old_and_new, {"image": 48.0, "latent": 192.0}) == old_and_new[1::2]

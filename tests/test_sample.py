@@ -72,7 +72,26 @@ def test_sampler_option(ckpt, tmp_path, capsys):
     assert (heun - want).abs().max() > 1e-2  # another sampler, other images
     with pytest.raises(SystemExit):
         main([f"--ckpt={ckpt}", "--num_samples=1", "--sampler=ancestral", f"--out={tmp_path / 'x.npz'}"])
-    assert "--sampler=ancestral: unknown for the 'edm' task; choose one of heun, dpm++2m, euler" in capsys.readouterr().err
+    assert "--sampler=ancestral: unknown for the 'edm' task; choose one of heun, dpm++2m, euler, stochastic" in capsys.readouterr().err
+
+
+def test_stochastic_sampler_is_edm_algorithm_2_seeded_per_image(ckpt):
+    # EDM's Algorithm 2 with its ImageNet-64 settings; image i's churn noise continues image i's own generator
+    # after its initial noise, so an image is the same alone as in a batch, and seeds give new images.
+    from minidiffit.base.runtime import image_generators
+    from minidiffit.diffusion import stochastic_sample
+    from minidiffit.tools import edm_task
+
+    model, cfg, _ = build_from_checkpoint(ckpt)
+    got = edm_task.generate(model, torch.tensor([3, 4, 5]), cfg, 4, sampler="stochastic")
+    gens = image_generators([3, 4, 5])
+    noise = torch.stack([torch.randn(edm_task.image_shape(cfg), generator=g) for g in gens])
+    want = stochastic_sample(model, noise, num_steps=4, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003, generator=gens)
+    torch.testing.assert_close(got, want.clamp(-1, 1))
+    alone = edm_task.generate(model, torch.tensor([4]), cfg, 4, sampler="stochastic")
+    torch.testing.assert_close(alone[0], got[1])
+    heun = edm_task.generate(model, torch.tensor([3, 4, 5]), cfg, 4)
+    assert (heun - got).abs().max() > 1e-2  # the churn changes the images
 
 
 @pytest.mark.parametrize("task", ["edm", "latent"])

@@ -33,7 +33,7 @@ class SampleConfig:
     num_samples: int = 50_000  # number of images; image i uses seed i
     out: str = "samples"  # a directory of PNGs, a .npz (arr_0 uint8 NHWC) or a .png grid
     steps: int = 0  # sampler steps; 0: the run's own (EDM Heun 18 = 35 network evaluations; latent 250 respaced)
-    sampler: str = ""  # "": the task's own; edm: heun, dpm++2m, euler; latent: ancestral, ddim, dpm++2m
+    sampler: str = ""  # "": the task's own; edm: heun, dpm++2m, euler, stochastic; latent: ancestral, ddim, dpm++2m
     batch: int = 256  # images per forward pass on one rank
     ema: bool = True  # sample the EMA weights (as EDM and the paper evaluate); False: the raw weights
     weights: str = ""  # instead of --ckpt: released latent DiffiT weights (diffit_256.safetensors, nvidia/DiffiT)
