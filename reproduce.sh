@@ -18,7 +18,7 @@ commands:
   test         unit tests, then every notebook and its solutions under nbval in FAST mode
   fashion      [--data_dir=DIR]  the laptop tier: both DiffiT pipelines on Fashion-MNIST, grids and FIDs (<= 30 min on 2 CPU cores)
   ablations    [--data_dir=DIR] [--image=a,b] [--latent=a,b] [--seeds=K] [--scale=X]  DiffiT's ablations on Fashion-MNIST,
-               both families, 3 paired seeds per variant (CPU: ~2.5 h on 2 cores; runs with a row in results/ are kept)
+               both families, 3 paired seeds per variant (CPU: ~3 h on 2 cores; runs with a row in results/ are kept)
   nfe          after fashion: FID against network evaluations for every sampler of both models (~25 min on 2 CPU cores)
   cifar10      [--data_dir=DIR] [--key=value ...] CUDA: paper recipe, 50k samples, FID; no CUDA: CPU tier (--minutes=30)
   imagenet256  DATA_DIR [--ref=ADM_REF.npz] [--key=value ...] | --weights FILE   prepare, train, sample, FID; no CUDA: FAST toy run

@@ -31,7 +31,8 @@ from minidiffit.tools.compare import interval, paired_difference, verdict
 # family: (task, the tier's recipe, thousands of training images per run, {variant: (changes, what the paper reports)}).
 # Choice: by default 2 variants per family x 3 paired seeds, at the tier's lengths (pipelines.FASHION: image 48 kimg,
 # latent 192 kimg; the earlier passes' 25.6 / 36 and 96 kimg rows stay in the rows file), so seed 0 of TMSA is the
-# tier's model: about 2.5 h on 2 development cores (runner.CPU_RATE; ~3 min of sampling and FID per run on top). Fewer
+# tier's model: about 3 h on 2 development cores (measured 2026-12-06: the image family 99 min alone; ~3 min of
+# sampling and FID per run on top of runner.CPU_RATE's training estimate). Fewer
 # variants for longer: TMSA against time in the MLP (config G: the same block with time moved out of attention) in
 # image space, and against DiT's adaLN-Zero in the latent transformer (the paper's headline comparison, Fig. 7b).
 # Dropped from the default, run with --image= / --latent=: bias (F), token (Table 7), windows 2/8, the diffusers

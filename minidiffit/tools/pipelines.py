@@ -161,7 +161,7 @@ def ablations(args):
         args = ["--image=tmsa,bias", "--latent=tmsa", "--seeds=1", *args, "--fast", "--num=16", "--network=tiny-random",
                 "--out=runs/ablations_fast", "--results=runs/ablations_fast/results"]
     elif cuda_count() == 0:
-        print("== no CUDA: the default variants of both families, 3 seeds each, on the CPU (about 2.5 h on 2 cores)")
+        print("== no CUDA: the default variants of both families, 3 seeds each, on the CPU (about 3 h on 2 cores)")
     stage("train, sample and score every variant and seed (finished runs are only scored)",
           ["experiments/ablations.py", *args])
 
