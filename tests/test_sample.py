@@ -89,7 +89,7 @@ def test_stochastic_sampler_is_edm_algorithm_2_seeded_per_image(ckpt):
     want = stochastic_sample(model, noise, num_steps=4, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003, generator=gens)
     torch.testing.assert_close(got, want.clamp(-1, 1))
     alone = edm_task.generate(model, torch.tensor([4]), cfg, 4, sampler="stochastic")
-    torch.testing.assert_close(alone[0], got[1])
+    torch.testing.assert_close(alone[0], got[1], rtol=1e-4, atol=1e-4)  # same noise; a batch of 1 vs 3 rounds apart
     heun = edm_task.generate(model, torch.tensor([3, 4, 5]), cfg, 4)
     assert (heun - got).abs().max() > 1e-2  # the churn changes the images
 
